@@ -1,0 +1,48 @@
+"""Public ops of the fixed fan-in layer.
+
+`fixed_fanin(h, indices, weight, bias)` computes ``z[b, l] = sum_k W[l, k] * h[b, I[l, k]] + bias[l]``.
+Two implementations share one signature: Triton kernels (``xmlsparse.ops.fixed_fanin``), used on
+CUDA, and plain chunked torch (``xmlsparse.ops.reference``), which runs everywhere and is the oracle.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+IMPLS = ("auto", "triton", "reference")
+
+
+def triton_available() -> bool:
+    """True when the Triton package can be imported (it ships for Linux only)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Map ``auto`` to the implementation used on ``device``; validate explicit choices."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    return impl
+
+
+def fixed_fanin(
+    h: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Differentiable fixed fan-in layer: ``h [B, D]``, ``indices`` int32 ``[L, K]``,
+    ``weight [L, K]``, ``bias [L]`` or None -> ``z [B, L]``."""
+    chosen = resolve_impl(impl, h.device)
+    if chosen == "triton":
+        from xmlsparse.ops.fixed_fanin import fixed_fanin as triton_fixed_fanin
+
+        return triton_fixed_fanin(h, indices, weight, bias)
+    from xmlsparse.ops.reference import fixed_fanin as reference_fixed_fanin
+
+    return reference_fixed_fanin(h, indices, weight, bias)
