@@ -1,0 +1,3 @@
+from xmlsparse.cli import main
+
+main()

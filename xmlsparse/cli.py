@@ -1,0 +1,206 @@
+"""The `xmlsparse` command: each command a thin shell over the modules that do the work."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from xmlsparse.errors import XMLSparseError
+
+app = typer.Typer(
+    help="Extreme multi-label classification with sparse fixed fan-in output layers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a user-input error into one line on stderr and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except XMLSparseError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise XMLSparseError(f"--k {text!r}: expected comma-separated positive integers, like 1,3,5") from None
+    if not ks or min(ks) < 1:
+        raise XMLSparseError(f"--k {text!r}: expected comma-separated positive integers, like 1,3,5")
+    return ks
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+    """A table of values x100, one row per metric family, one column per k."""
+    families: dict[str, dict[int, float]] = {}
+    for key, value in metrics.items():
+        if "@" in key:
+            name, k = key.split("@")
+            families.setdefault(name, {})[int(k)] = value
+    ks = sorted({k for row in families.values() for k in row})
+    typer.echo("metric   " + "".join(f"{'@' + str(k):>9}" for k in ks))
+    for name, row in families.items():
+        typer.echo(f"{name:<9}" + "".join(f"{100 * row[k]:>9.2f}" if k in row else f"{'':>9}" for k in ks))
+
+
+@app.command()
+@one_line_errors
+def datasets(root: Path = typer.Option(Path("data"), help="Dataset root folder.")) -> None:
+    """List the standard data sets with their shapes and whether each is present locally."""
+    from xmlsparse.data.datasets import dataset_table
+
+    rows = dataset_table(root)
+    header = f"{'name':<22}{'train N':>11}{'test N':>10}{'features':>11}{'labels':>11}{'lbl/pt':>8}{'A':>6}{'B':>6}  local"
+    typer.echo(header)
+    for row in rows:
+        typer.echo(
+            f"{row['name']:<22}{row['n_train']:>11,}{row['n_test']:>10,}{row['n_features']:>11,}"
+            f"{row['n_labels']:>11,}{row['labels_per_point']:>8.2f}{row['propensity_a']:>6.2f}"
+            f"{row['propensity_b']:>6.2f}  {row['status']}"
+        )
+
+
+@app.command("download-dataset")
+@one_line_errors
+def download_dataset_command(
+    name: str = typer.Argument(..., help="Registry name, e.g. amazon-670k (see `xmlsparse datasets`)."),
+    root: Path = typer.Option(Path("data"), help="Dataset root folder."),
+    variant: str = typer.Option("bow", help="bow (tf-idf features) or raw (texts)."),
+    url: Optional[str] = typer.Option(None, help="A mirror of your own to fetch the archive from."),
+    from_file: Optional[Path] = typer.Option(None, help="Install an archive fetched by other means."),
+) -> None:
+    """Fetch, verify, extract and convert a standard data set."""
+    from xmlsparse.data.download import download_dataset
+
+    path = download_dataset(name, root=root, variant=variant, url=url, from_file=from_file)
+    typer.echo(f"{name} is ready in {path}")
+
+
+@app.command()
+@one_line_errors
+def synth(
+    like: Optional[str] = typer.Option(None, help="Copy the shape of a registry data set, e.g. amazon-670k."),
+    scale: float = typer.Option(1.0, help="Multiplies points and labels of --like."),
+    features: str = typer.Option("dense", help="dense (d-dimensional rows) or bow (sparse tf-idf)."),
+    dim: int = typer.Option(768, help="Width of dense features."),
+    n_train: Optional[int] = typer.Option(None, help="Training points (without --like)."),
+    n_test: Optional[int] = typer.Option(None, help="Test points (without --like)."),
+    n_labels: Optional[int] = typer.Option(None, help="Labels (without --like)."),
+    n_features: Optional[int] = typer.Option(None, help="BoW vocabulary size (without --like)."),
+    labels_per_point: Optional[float] = typer.Option(None, help="Mean labels per point."),
+    seed: int = typer.Option(0, help="Seed: the same seed writes the same files."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: data/synthetic-...)."),
+) -> None:
+    """Generate a seeded synthetic data set with XMC statistics (power-law label frequencies)."""
+    from xmlsparse.data.synthetic import default_output_dir, generate
+
+    if features not in ("dense", "bow"):
+        raise XMLSparseError(f"--features {features!r}: expected dense or bow")
+    target = out if out is not None else default_output_dir(Path("data"), like, scale, features)
+    path = generate(
+        target, like=like, scale=scale, n_train=n_train, n_test=n_test, n_labels=n_labels,
+        n_features=n_features, labels_per_point=labels_per_point, features=features, dim=dim, seed=seed,
+    )
+    typer.echo(f"synthetic data set written to {path}")
+
+
+@app.command()
+@one_line_errors
+def train(
+    config: Path = typer.Argument(..., help="YAML config, e.g. configs/quickstart.yaml."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.epochs=5 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<config name>)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: the config's, auto)."),
+) -> None:
+    """Train a model; writes a run directory with checkpoints, metrics.jsonl and final.json."""
+    from xmlsparse.config import load_config
+    from xmlsparse.train.trainer import resume_run, start_run
+
+    if device is not None and device not in ("cpu", "cuda", "auto"):
+        raise XMLSparseError(f"--device {device!r}: expected cpu, cuda or auto")
+    if resume is not None:
+        trainer = resume_run(resume, device)
+    else:
+        overrides = list(set_) + ([f"train.device={device}"] if device else [])
+        cfg = load_config(config, overrides)
+        run_dir = out if out is not None else Path("runs") / config.stem
+        trainer = start_run(cfg, run_dir)
+    final = trainer.fit()
+    if final is None:
+        raise typer.Exit(130)
+    typer.echo(f"test metrics of the best checkpoint ({trainer.run_dir / 'final.json'}):")
+    _print_metrics(final["test"])
+
+
+@app.command(name="eval")
+@one_line_errors
+def eval_command(
+    run_dir: Optional[Path] = typer.Argument(None, help="A run directory written by `xmlsparse train`."),
+    split: str = typer.Option("test", help="test or val (with RUN_DIR)."),
+    k: str = typer.Option("1,3,5", help="Comma-separated k values."),
+    save_predictions: bool = typer.Option(False, help="Write the top-k predictions into RUN_DIR."),
+    predictions: Optional[Path] = typer.Option(None, help="Score a prediction file (npz CSR or label:score lines)."),
+    truth: Optional[Path] = typer.Option(None, help="Test data of the prediction file."),
+    train_data: Optional[Path] = typer.Option(None, "--train", help="Training data (label frequencies for PSP@k)."),
+    a: Optional[float] = typer.Option(None, "--A", help="Propensity parameter A."),
+    b: Optional[float] = typer.Option(None, "--B", help="Propensity parameter B."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics (fractions) as JSON."),
+) -> None:
+    """Evaluate a run directory, or score a prediction file against a data set."""
+    from xmlsparse.evaluate import evaluate_predictions_file, evaluate_run_dir
+    from xmlsparse.train.trainer import write_json
+
+    ks = _parse_ks(k)
+    if predictions is not None:
+        if run_dir is not None:
+            raise XMLSparseError("give either RUN_DIR or --predictions with --truth, not both")
+        if truth is None:
+            raise XMLSparseError("--predictions needs --truth TEST (the data set the predictions are for)")
+        metrics = evaluate_predictions_file(predictions, truth, ks, train_data, a, b)
+    elif run_dir is not None:
+        if split not in ("test", "val"):
+            raise XMLSparseError(f"--split {split!r}: expected test or val")
+        metrics = evaluate_run_dir(run_dir, split, ks, save_predictions)
+    else:
+        raise XMLSparseError("give a RUN_DIR, or --predictions PRED --truth TEST")
+    _print_metrics(metrics)
+    if json_out is not None:
+        write_json(json_out, metrics)
+
+
+@app.command()
+@one_line_errors
+def predict(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `xmlsparse train`."),
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="XC text or npz features (dense: .npy)."),
+    top_k: int = typer.Option(5, help="Labels per point."),
+    out: Optional[Path] = typer.Option(None, help="Output: .npz (CSR scores) or text label:score lines."),
+) -> None:
+    """Write the top-k labels of every point of INPUT."""
+    from xmlsparse.evaluate import predict_file
+
+    target = predict_file(run_dir, input_path, top_k, out)
+    typer.echo(f"predictions written to {target}")
+
+
+def main() -> None:
+    app(prog_name="xmlsparse")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

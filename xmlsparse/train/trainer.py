@@ -1,0 +1,368 @@
+"""The training loop: batches -> model -> loss -> backward -> optimizer -> rewiring, with a run directory.
+
+A run directory holds the resolved config, ``metrics.jsonl`` (one line per epoch), checkpoints written
+atomically (``checkpoints/last.pt`` every epoch and on SIGINT, ``checkpoints/best.pt``) and, at the end,
+``final.json`` with the test metrics of the best checkpoint. ``resume`` continues from ``last.pt``; with
+a fixed seed on CPU a resumed run ends exactly where an uninterrupted one does, because the batch order
+is a function of (seed, epoch) and every generator's state is in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from xmlsparse.config import Config, config_to_dict, save_config
+from xmlsparse.data.batches import BatchIterator, Prefetcher, split_validation
+from xmlsparse.data.datasets import load_dataset
+from xmlsparse.data.formats import XMCData
+from xmlsparse.errors import XMLSparseError
+from xmlsparse.evaluate import autocast_for, evaluate
+from xmlsparse.metrics import inverse_propensity, label_frequencies
+from xmlsparse.nn.model import XMCModel, build_model
+from xmlsparse.nn.rewire import Rewirer
+from xmlsparse.train.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from xmlsparse.train.losses import loss_fn
+from xmlsparse.train.schedules import Schedule
+
+# Propensity parameters of Jain et al. (2016) for data sets that do not state their own.
+DEFAULT_PROPENSITY = (0.55, 1.5)
+# Steps between checks of the running loss for NaN: each check waits for the device.
+FINITE_CHECK_INTERVAL = 100
+
+
+class TrainingDiverged(XMLSparseError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class PreparedData:
+    train: XMCData
+    validation: XMCData
+    test: XMCData
+    inv_propensity: np.ndarray
+    name: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise XMLSparseError("device 'cuda' was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _rows(data: XMCData, rows: np.ndarray) -> XMCData:
+    return XMCData(X=data.X[rows], Y=data.Y[rows], n_features=data.n_features, n_labels=data.n_labels)
+
+
+def prepare_data(config: Config) -> PreparedData:
+    """Load the data set, carve the seeded validation split out of train, and count propensities."""
+    train, test, info = load_dataset(config.data.dataset, Path(config.data.root), config.data.features)
+    a, b = (info.propensity_a, info.propensity_b) if info is not None else DEFAULT_PROPENSITY
+    inv_prop = inverse_propensity(label_frequencies(train.Y), train.n_points, a, b)
+    train_rows, val_rows = split_validation(train.n_points, config.data.validation, config.train.seed)
+    name = info.name if info is not None else str(config.data.dataset)
+    return PreparedData(_rows(train, train_rows), _rows(train, val_rows), test, inv_prop, name)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is in KiB on Linux.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _build_optimizer(model: XMCModel, config: Config) -> torch.optim.Optimizer:
+    opt = config.train.optimizer
+    lrs = {
+        "encoder": opt.lr_encoder if opt.lr_encoder is not None else opt.lr,
+        "intermediate": opt.lr_intermediate if opt.lr_intermediate is not None else opt.lr,
+        "head": opt.lr_head if opt.lr_head is not None else opt.lr,
+    }
+    groups = model.param_groups(lrs)
+    cls = torch.optim.AdamW if opt.type == "adamw" else torch.optim.Adam
+    # foreach keeps the step to a few fused launches on CUDA; on CPU it is the same arithmetic.
+    return cls(groups, lr=opt.lr, weight_decay=opt.weight_decay, foreach=True)
+
+
+class Trainer:
+    """Owns the model, optimizer, schedule and rewiring of one run directory."""
+
+    def __init__(self, config: Config, run_dir: Path, device: torch.device) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.device = device
+        self.precision = config.train.precision if device.type == "cuda" else "fp32"
+        torch.manual_seed(config.train.seed)
+        np.random.seed(config.train.seed)
+        self.data = prepare_data(config)
+        train = self.data.train
+        self.model = build_model(
+            config_to_dict(config)["model"], train.n_features, train.n_labels, config.data.features,
+            impl=config.model.head.impl,
+        ).to(device)
+        self.optimizer = _build_optimizer(self.model, config)
+        batch_size = config.train.batch_size
+        steps_per_epoch = math.ceil(train.n_points / batch_size)
+        if config.train.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * config.train.epochs
+        self.schedule = Schedule(self.optimizer, config.train.schedule, self.total_steps)
+        self.rewirer = self._build_rewirer()
+        self.loss = loss_fn(config.train.loss)
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.step = 0
+        self.best_score = -math.inf
+        self.epochs_without_improvement = 0
+        self.epoch_stats = {"loss_sum": 0.0, "batches": 0, "rewired": 0.0, "seconds": 0.0, "samples": 0}
+        self._stop_requested = False
+
+    def _build_rewirer(self) -> Rewirer | None:
+        rewire = self.config.model.rewire
+        if rewire is None or self.config.model.head.type != "fixed-fanin":
+            return None
+        return Rewirer(
+            interval=rewire.interval,
+            fraction=rewire.fraction,
+            threshold=rewire.threshold,
+            threshold_decay=rewire.threshold_decay,
+            stop=rewire.stop,
+            new_weights=rewire.new_weights,
+            total_steps=self.total_steps,
+            seed=self.config.train.seed,
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rewirer": self.rewirer.state_dict() if self.rewirer is not None else None,
+            "rng": rng_state(),
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "step": self.step,
+            "best_score": self.best_score,
+            "epochs_without_improvement": self.epochs_without_improvement,
+            "epoch_stats": dict(self.epoch_stats),
+            "config": config_to_dict(self.config),
+        }
+
+    def restore(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.rewirer is not None and state["rewirer"] is not None:
+            self.rewirer.load_state_dict(state["rewirer"])
+        set_rng_state(state["rng"])
+        self.epoch = state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.step = state["step"]
+        self.best_score = state["best_score"]
+        self.epochs_without_improvement = state["epochs_without_improvement"]
+        self.epoch_stats = state["epoch_stats"]
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self._stop_requested = True
+
+    def _log(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    def _train_epoch(self) -> bool:
+        """Run the rest of the current epoch; False when interrupted by SIGINT."""
+        config = self.config.train
+        iterator = BatchIterator(
+            self.data.train.X, self.data.train.Y, config.batch_size, shuffle=True, seed=config.seed,
+        )
+        iterator.set_epoch(self.epoch)
+        n_batches = min(len(iterator), self.steps_per_epoch)
+        batches = Prefetcher(iterator.iter_from(self.batch_in_epoch), self.device)
+        running = torch.zeros((), device=self.device, dtype=torch.float64)
+        bar = tqdm(
+            total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}",
+            disable=not sys.stderr.isatty(), leave=False, unit="batch",
+        )
+        started = time.perf_counter()
+        samples = 0
+        self.model.train()
+        for batch in batches:
+            if self.batch_in_epoch >= n_batches:
+                break
+            with autocast_for(self.device, self.precision):
+                logits = self.model(batch)
+            loss = self.loss(logits.float(), batch.y_indices, batch.y_ptr)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.schedule.after_step()
+            self.step += 1
+            self.batch_in_epoch += 1
+            samples += batch.size
+            running += loss.detach()
+            if self.rewirer is not None:
+                fraction = self.rewirer.maybe_rewire(self.model.head, self.optimizer, self.step)
+                if fraction is not None:
+                    self.epoch_stats["rewired"] += fraction
+            if self.batch_in_epoch % FINITE_CHECK_INTERVAL == 0 or self.batch_in_epoch == n_batches:
+                self._check_finite(running)
+                bar.set_postfix(loss=f"{running.item() / max(1, self.batch_in_epoch - self.epoch_stats['batches']):.4g}")
+            bar.update(1)
+            if self._stop_requested:
+                break
+        bar.close()
+        self._check_finite(running)
+        self.epoch_stats["loss_sum"] += float(running.item())
+        self.epoch_stats["batches"] = self.batch_in_epoch
+        self.epoch_stats["seconds"] += time.perf_counter() - started
+        self.epoch_stats["samples"] += samples
+        return self.batch_in_epoch >= n_batches
+
+    def _check_finite(self, running: torch.Tensor) -> None:
+        if not torch.isfinite(running):
+            raise TrainingDiverged(
+                f"the training loss became {running.item()} at epoch {self.epoch + 1}, step {self.step}; "
+                f"the last good checkpoint is kept in {self.checkpoint_dir / LAST} "
+                "(try a lower learning rate, train.optimizer.lr)"
+            )
+
+    def _end_epoch(self) -> bool:
+        """Validate, log, checkpoint; True when early stopping ends the run."""
+        config = self.config
+        val = evaluate(
+            self.model, self.data.validation, config.eval.k, config.train.eval_batch_size, self.device,
+            self.precision, self.data.inv_propensity,
+        )
+        stats = self.epoch_stats
+        seconds = max(stats["seconds"], 1e-9)
+        record = {
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "loss": stats["loss_sum"] / max(1, stats["batches"]),
+            **{f"val_{key}": value for key, value in val.items()},
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "rewired_fraction": stats["rewired"],
+            "epoch_seconds": seconds,
+            "samples_per_second": stats["samples"] / seconds,
+            "peak_memory_bytes": _peak_memory_bytes(self.device),
+        }
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        metric_name = config.train.early_stopping.metric
+        score = val[metric_name]
+        self._log(
+            f"epoch {record['epoch']}: loss {record['loss']:.5f}  "
+            + "  ".join(f"{k} {100 * v:.2f}" for k, v in val.items() if k.startswith(("P@", "nDCG@5", "PSP@5")))
+            + f"  lr {record['lr']:.2e}  {record['epoch_seconds']:.1f}s  {record['samples_per_second']:.0f} samples/s"
+        )
+        self.schedule.after_epoch(val)
+        improved = score > self.best_score
+        if improved:
+            self.best_score = score
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.epoch_stats = {"loss_sum": 0.0, "batches": 0, "rewired": 0.0, "seconds": 0.0, "samples": 0}
+        state = self.state()
+        save_checkpoint(state, self.checkpoint_dir / LAST)
+        if improved:
+            save_checkpoint(state, self.checkpoint_dir / BEST)
+        patience = config.train.early_stopping.patience
+        return patience > 0 and self.epochs_without_improvement >= patience
+
+    def fit(self) -> dict[str, Any] | None:
+        """Train to the end (or early stop) and write ``final.json``; None when interrupted."""
+        previous = signal.signal(signal.SIGINT, self._request_stop)
+        try:
+            while self.epoch < self.config.train.epochs:
+                completed = self._train_epoch()
+                if not completed:
+                    save_checkpoint(self.state(), self.checkpoint_dir / LAST)
+                    self._log(f"interrupted: saved {self.checkpoint_dir / LAST}; continue with --resume {self.run_dir}")
+                    return None
+                if self._end_epoch():
+                    self._log(f"early stopping after epoch {self.epoch}: no better validation "
+                              f"{self.config.train.early_stopping.metric} in "
+                              f"{self.config.train.early_stopping.patience} epochs")
+                    break
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """Evaluate the best checkpoint on the test split and write ``final.json``."""
+        best = self.checkpoint_dir / BEST
+        if best.exists():
+            self.model.load_state_dict(load_checkpoint(best, map_location=self.device)["model"])
+        config = self.config
+        test = evaluate(
+            self.model, self.data.test, config.eval.k, config.train.eval_batch_size, self.device,
+            self.precision, self.data.inv_propensity,
+        )
+        final = {
+            "dataset": self.data.name,
+            "epochs": self.epoch,
+            "steps": self.step,
+            "best_validation": {config.train.early_stopping.metric: self.best_score},
+            "test": test,
+            "memory": self.model.memory_report(),
+            "peak_memory_bytes": _peak_memory_bytes(self.device),
+            "device": str(self.device),
+        }
+        write_json(self.run_dir / "final.json", final)
+        return final
+
+
+def write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def start_run(config: Config, run_dir: Path) -> Trainer:
+    """Create a new run directory (refusing to overwrite one) and a trainer for it."""
+    if (run_dir / "checkpoints").exists():
+        raise XMLSparseError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    return Trainer(config, run_dir, resolve_device(config.train.device))
+
+
+def resume_run(run_dir: Path, device: str | None = None) -> Trainer:
+    """Rebuild the trainer of ``run_dir`` from its saved config and its last checkpoint."""
+    from xmlsparse.config import load_config
+
+    last = run_dir / "checkpoints" / LAST
+    if not last.exists():
+        raise XMLSparseError(f"{run_dir}: no checkpoint to resume from ({last} is missing)")
+    config = load_config(run_dir / "config.yaml")
+    if device is not None:
+        config.train.device = device
+    trainer = Trainer(config, run_dir, resolve_device(config.train.device))
+    trainer.restore(last)
+    return trainer
