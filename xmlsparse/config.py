@@ -231,17 +231,42 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def load_config(path: Path | str, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply ``--set`` overrides, and validate it."""
-    path = Path(path)
+def _merge(base: dict, update: dict) -> dict:
+    """Deep merge: mappings merge key by key, anything else in ``update`` replaces."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_config_values(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The mapping of a YAML config with its ``extends:`` chain (paths relative to the file) merged in."""
     if not path.is_file():
         raise XMLSparseError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise XMLSparseError(f"{path}: 'extends' forms a cycle through {', '.join(map(str, seen))}")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise XMLSparseError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(values, dict):
         raise XMLSparseError(f"{path}: expected a mapping of sections (data, model, train, eval) at the top")
+    parent = values.pop("extends", None)
+    if parent is None:
+        return values
+    if not isinstance(parent, str):
+        raise XMLSparseError(f"{path}: extends = {parent!r}: expected the path of another config")
+    base = read_config_values(path.parent / parent, seen + (path.resolve(),))
+    return _merge(base, values)
+
+
+def load_config(path: Path | str, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (following ``extends:``), apply ``--set`` overrides, and validate it."""
+    path = Path(path)
+    values = read_config_values(path)
     apply_overrides(values, overrides or [])
     return config_from_dict(values, str(path))
 
