@@ -1,0 +1,195 @@
+"""The fixed fan-in output layer and the sampling of its connections.
+
+Label ``l`` reads the ``fan_in`` inputs ``indices[l]`` (int32, distinct within a row) through
+``weight[l]``. Connections are drawn uniformly at random without repeats inside a row, chunked over
+rows so that even 670k labels over 65k inputs never need an ``L x D`` tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from xmlsparse.errors import XMLSparseError
+from xmlsparse.ops import IMPLS, fixed_fanin
+
+# Elements of the largest temporary block one chunk of rows may create while sampling.
+SAMPLING_CHUNK_ELEMENTS = 1 << 22
+
+
+def _redraw_by_rejection(
+    rows: torch.Tensor, free: torch.Tensor, n_inputs: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Fill the free slots of ``rows [R, K]`` (int64) by drawing inputs at random and redrawing
+    only the slots that collide with another slot of their row, until none do.
+
+    Cheap when few inputs of a row are taken (``8K <= D``): most draws land on a free input.
+    """
+    pending = free.clone()
+    active = torch.arange(rows.shape[0], device=rows.device)
+    while active.numel():
+        sub, sub_pending = rows[active], pending[active]
+        sub[sub_pending] = torch.randint(
+            n_inputs, (int(sub_pending.sum()),), generator=generator, device=rows.device, dtype=rows.dtype
+        )
+        # Sort each row by (input, pending) so that a settled slot comes first among equal inputs:
+        # every later slot with the same input is a collision and is drawn again.
+        keys, order = (sub * 2 + sub_pending.long()).sort(dim=1, stable=True)
+        inputs = keys // 2
+        repeated_sorted = torch.zeros_like(sub_pending)
+        repeated_sorted[:, 1:] = inputs[:, 1:] == inputs[:, :-1]
+        sub_pending &= torch.empty_like(sub_pending).scatter_(1, order, repeated_sorted)
+        rows[active], pending[active] = sub, sub_pending
+        active = active[sub_pending.any(1)]
+    return rows
+
+
+def _redraw_by_ranking(
+    rows: torch.Tensor, free: torch.Tensor, n_inputs: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Fill the free slots of ``rows [R, K]`` (int64) with the lowest-keyed inputs of a random
+    ranking of the row's unused inputs. Exact in one pass; costs ``R x D``, so used when ``8K > D``.
+    """
+    n_rows = rows.shape[0]
+    keys = torch.rand(n_rows, n_inputs + 1, generator=generator, device=rows.device)
+    # Inputs held by settled slots rank last; free slots point at the spare column n_inputs.
+    held = torch.where(free, torch.full_like(rows, n_inputs), rows)
+    keys.scatter_(1, held, 2.0)
+    n_free = int(free.sum(1).max())
+    picks = keys[:, :n_inputs].topk(n_free, dim=1, largest=False).indices  # [R, n_free]
+    # The j-th free slot of a row takes the row's j-th pick.
+    rank = (free.long().cumsum(1) - 1).clamp_(min=0)
+    return torch.where(free, picks.gather(1, rank), rows)
+
+
+def redraw_distinct(
+    indices: torch.Tensor, free: torch.Tensor, n_inputs: int, generator: torch.Generator | None = None
+) -> None:
+    """Overwrite, in place, the slots of ``indices [L, K]`` where ``free [L, K]`` is True with
+    uniformly random inputs in ``[0, n_inputs)`` that no other slot of the same row holds.
+
+    The slots where ``free`` is False must already be distinct within their rows. A freed slot may
+    draw the input it held before. Random numbers come from ``generator`` (on ``indices``' device).
+    """
+    n_rows, fan_in = indices.shape
+    if fan_in > n_inputs:
+        raise XMLSparseError(f"fan_in ({fan_in}) must not exceed the number of inputs ({n_inputs})")
+    if fan_in == 0:
+        return
+    # Measured crossover: rejection loops longer as rows fill up, ranking costs D per row.
+    by_ranking = 8 * fan_in > n_inputs
+    width = n_inputs + 1 if by_ranking else fan_in
+    step = max(1, SAMPLING_CHUNK_ELEMENTS // width)
+    for start in range(0, n_rows, step):
+        chunk_free = free[start : start + step]
+        touched = chunk_free.any(1).nonzero().squeeze(1)
+        if touched.numel() == 0:
+            continue
+        rows = indices[start : start + step][touched].long()
+        row_free = chunk_free[touched]
+        redraw = _redraw_by_ranking if by_ranking else _redraw_by_rejection
+        indices[start : start + step][touched] = redraw(rows, row_free, n_inputs, generator).to(indices.dtype)
+
+
+def sample_distinct_indices(
+    n_rows: int,
+    n_inputs: int,
+    k: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """int32 ``[n_rows, k]``: per row, ``k`` distinct inputs drawn uniformly from ``[0, n_inputs)``.
+
+    Sampling runs on ``generator``'s device when one is given (then moves to ``device``), else
+    on ``device``.
+    """
+    if k > n_inputs:
+        raise XMLSparseError(f"fan_in ({k}) must not exceed the number of inputs ({n_inputs})")
+    target = torch.device(device) if device is not None else None
+    where = generator.device if generator is not None else (target or torch.device("cpu"))
+    indices = torch.zeros(n_rows, k, dtype=torch.int32, device=where)
+    redraw_distinct(indices, torch.ones(n_rows, k, dtype=torch.bool, device=where), n_inputs, generator)
+    return indices if target is None else indices.to(target)
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise XMLSparseError(f"{name} must be a positive integer, got {value!r}")
+
+
+class FixedFanInLinear(nn.Module):
+    """Sparse output layer where each of ``out_features`` labels reads ``fan_in`` of the
+    ``in_features`` inputs: ``z[b, l] = sum_k weight[l, k] * h[b, indices[l, k]] + bias[l]``.
+
+    Initialisation follows ``nn.Linear`` with the layer's true fan-in ``K``: weight and bias are
+    ``U(-1/sqrt(K), 1/sqrt(K))``, so the output variance matches a dense layer reading K inputs.
+    ``indices`` is a buffer (int32, saved in the state dict), not a parameter.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fan_in: int,
+        bias: bool = True,
+        impl: str = "auto",
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive("in_features", in_features)
+        _check_positive("out_features", out_features)
+        _check_positive("fan_in", fan_in)
+        if fan_in > in_features:
+            raise XMLSparseError(f"fan_in ({fan_in}) must not exceed in_features ({in_features})")
+        if impl not in IMPLS:
+            raise XMLSparseError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.fan_in = fan_in
+        self.impl = impl
+        self.register_buffer(
+            "indices", torch.empty(out_features, fan_in, dtype=torch.int32, device=device)
+        )
+        self.weight = nn.Parameter(torch.empty(out_features, fan_in, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters(generator)
+
+    def init_bound(self) -> float:
+        """Half-width of the uniform initialisation of weights and bias: ``1/sqrt(fan_in)``."""
+        return 1.0 / math.sqrt(self.fan_in)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw fresh connections, weights and bias (random numbers from ``generator`` if given)."""
+        where = generator.device if generator is not None else self.weight.device
+        self.indices.copy_(
+            sample_distinct_indices(self.out_features, self.in_features, self.fan_in, generator, where)
+        )
+        bound = self.init_bound()
+        for tensor in (self.weight, self.bias):
+            if tensor is not None:
+                values = torch.rand(tensor.shape, generator=generator, device=where) * (2 * bound) - bound
+                tensor.copy_(values)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``h [..., in_features] -> z [..., out_features]``."""
+        if h.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(h.shape)}")
+        flat = h.reshape(-1, self.in_features)
+        z = fixed_fanin(flat, self.indices, self.weight, self.bias, impl=self.impl)
+        return z.reshape(*h.shape[:-1], self.out_features)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the layer's indices, weights and bias."""
+        tensors = [self.indices, self.weight] + ([self.bias] if self.bias is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, fan_in={self.fan_in}, "
+            f"bias={self.bias is not None}, impl={self.impl}"
+        )

@@ -1,0 +1,147 @@
+"""Plain torch fixed fan-in layer: runs on any device and is the oracle for the Triton kernels.
+
+``z[b, l] = sum_k W[l, k] * h[b, I[l, k]] + bias[l]`` with ``h [B, D]``, ``I`` integer ``[L, K]``,
+``W [L, K]``, ``bias [L]`` or None.
+
+Every pass works on chunks of labels whose gathered block ``[Lc, K, B]`` holds at most
+``CHUNK_ELEMENTS`` elements, so no ``[B, L, K]`` tensor ever exists, on CPU either.
+
+Dtypes: sums accumulate in float32, or in float64 when an input is float64. The logits take h's
+dtype promoted with W's (bf16 with bf16 gives bf16, bf16 with fp32 gives fp32); the gradients
+take the dtype of the tensor they belong to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+# Elements of the largest temporary block one chunk of labels may create. Read on every call,
+# so it can be changed at run time.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any of ``dtypes`` is float64, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def label_chunk(batch: int, fan_in: int) -> int:
+    """Labels per chunk so that a ``[Lc, K, B]`` block stays within ``CHUNK_ELEMENTS``."""
+    return max(1, CHUNK_ELEMENTS // max(1, batch * fan_in))
+
+
+def _label_ranges(n_labels: int, batch: int, fan_in: int):
+    step = label_chunk(batch, fan_in)
+    for start in range(0, n_labels, step):
+        yield start, min(start + step, n_labels)
+
+
+def _gather(h_t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows of ``h_t [D, B]`` picked by ``indices [Lc, K]`` -> ``[Lc, K, B]`` (int64 offsets)."""
+    n_labels, fan_in = indices.shape
+    return h_t.index_select(0, indices.reshape(-1).long()).view(n_labels, fan_in, h_t.shape[1])
+
+
+def _check_inputs(
+    h: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    if h.dim() != 2:
+        raise ValueError(f"h must be [B, D], got shape {tuple(h.shape)}")
+    if indices.dim() != 2 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise ValueError(f"indices must be an integer [L, K] tensor, got {indices.dtype} {tuple(indices.shape)}")
+    if weight.shape != indices.shape:
+        raise ValueError(f"weight shape {tuple(weight.shape)} differs from indices shape {tuple(indices.shape)}")
+    if bias is not None and bias.shape != (indices.shape[0],):
+        raise ValueError(f"bias must be [{indices.shape[0]}], got shape {tuple(bias.shape)}")
+    tensors = [h, indices, weight] + ([bias] if bias is not None else [])
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"h, indices, weight and bias must share one device, got {sorted(map(str, devices))}")
+
+
+def forward(
+    h: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits ``z [B, L]`` in ``promote_types(h.dtype, weight.dtype)``."""
+    _check_inputs(h, indices, weight, bias)
+    acc = accumulation_dtype(h.dtype, weight.dtype)
+    batch = h.shape[0]
+    n_labels, fan_in = indices.shape
+    h_t = h.t().to(acc).contiguous()  # [D, B]: one gathered index reads B contiguous values
+    z = torch.empty(batch, n_labels, dtype=torch.promote_types(h.dtype, weight.dtype), device=h.device)
+    for start, stop in _label_ranges(n_labels, batch, fan_in):
+        gathered = _gather(h_t, indices[start:stop])  # [Lc, K, B]
+        w = weight[start:stop].to(acc).unsqueeze(1)  # [Lc, 1, K]
+        z_chunk = torch.bmm(w, gathered).squeeze(1)  # [Lc, B]
+        if bias is not None:
+            z_chunk += bias[start:stop].to(acc).unsqueeze(1)
+        z[:, start:stop] = z_chunk.t()
+    return z
+
+
+def grad_input(
+    grad_out: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, n_inputs: int
+) -> torch.Tensor:
+    """``grad_h [B, D]``: ``grad_h[b, I[l, k]] += W[l, k] * grad_out[b, l]`` (repeats in a row add up).
+
+    Returned in ``promote_types(grad_out.dtype, weight.dtype)``.
+    """
+    acc = accumulation_dtype(grad_out.dtype, weight.dtype)
+    batch = grad_out.shape[0]
+    n_labels, fan_in = indices.shape
+    g_t = grad_out.t()  # [L, B]
+    grad_h_t = torch.zeros(n_inputs, batch, dtype=acc, device=grad_out.device)  # [D, B]
+    for start, stop in _label_ranges(n_labels, batch, fan_in):
+        w = weight[start:stop].to(acc).unsqueeze(2)  # [Lc, K, 1]
+        contributions = w * g_t[start:stop].to(acc).unsqueeze(1)  # [Lc, K, B]
+        grad_h_t.index_add_(0, indices[start:stop].reshape(-1).long(), contributions.view(-1, batch))
+    return grad_h_t.t().to(torch.promote_types(grad_out.dtype, weight.dtype)).contiguous()
+
+
+def grad_weight(grad_out: torch.Tensor, h: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``grad_W [L, K]``: ``grad_W[l, k] = sum_b grad_out[b, l] * h[b, I[l, k]]``.
+
+    Returned in ``promote_types(grad_out.dtype, h.dtype)``.
+    """
+    acc = accumulation_dtype(grad_out.dtype, h.dtype)
+    batch = h.shape[0]
+    n_labels, fan_in = indices.shape
+    h_t = h.t().to(acc).contiguous()  # [D, B]
+    g_t = grad_out.t()  # [L, B]
+    grad_w = torch.empty(n_labels, fan_in, dtype=torch.promote_types(grad_out.dtype, h.dtype), device=h.device)
+    for start, stop in _label_ranges(n_labels, batch, fan_in):
+        gathered = _gather(h_t, indices[start:stop])  # [Lc, K, B]
+        g = g_t[start:stop].to(acc).unsqueeze(2)  # [Lc, B, 1]
+        grad_w[start:stop] = torch.bmm(gathered, g).squeeze(2)
+    return grad_w
+
+
+class FixedFanInFunction(torch.autograd.Function):
+    """Autograd wrapper: forward and the explicit chunked backward above."""
+
+    @staticmethod
+    def forward(ctx, h, indices, weight, bias):  # noqa: D102 (autograd protocol)
+        ctx.save_for_backward(h, indices, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return forward(h, indices, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102 (autograd protocol)
+        h, indices, weight = ctx.saved_tensors
+        need_h, _, need_weight, need_bias = ctx.needs_input_grad
+        grad_h = grad_input(grad_out, indices, weight, h.shape[1]).to(h.dtype) if need_h else None
+        grad_w = grad_weight(grad_out, h, indices).to(weight.dtype) if need_weight else None
+        grad_b = None
+        if need_bias:
+            grad_b = grad_out.sum(0, dtype=accumulation_dtype(grad_out.dtype)).to(ctx.bias_dtype)
+        return grad_h, None, grad_w, grad_b
+
+
+def fixed_fanin(
+    h: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Differentiable fixed fan-in layer ``h [B, D] -> z [B, L]`` (see the module docstring)."""
+    _check_inputs(h, indices, weight, bias)
+    return FixedFanInFunction.apply(h, indices, weight, bias)
