@@ -1,0 +1,136 @@
+"""Per-label binary losses against sparse label lists, never a dense ``B x L`` target matrix.
+
+Every (point, label) pair is a binary problem with target 1 at the point's labels and 0 elsewhere,
+so the loss is ``f(z, 0)`` summed over all logits plus ``f(z, 1) - f(z, 0)`` at the few positive
+positions, gathered by (row, label id). The reduction is the mean over all ``B * L`` pairs, as in
+the paper (the sum over labels would only rescale the learning rate by ``L``).
+
+The losses are autograd functions that keep only the logits for the backward pass and work on
+chunks of rows, so the temporaries stay small however many labels there are. Logits of any float
+dtype (bf16 under autocast) are evaluated in float32 (float64 stays float64); the loss comes back
+in that precision and the gradient in the logits' dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from xmlsparse.errors import XMLSparseError
+
+# Elements of the largest float32 temporary a chunk of rows may create.
+CHUNK_ELEMENTS = 1 << 22
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def label_positions(y_indices: torch.Tensor, y_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, labels)`` of every positive pair, from the CSR label rows of a batch."""
+    counts = y_ptr[1:] - y_ptr[:-1]
+    rows = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=y_ptr.device), counts, output_size=y_indices.numel()
+    )
+    return rows, y_indices.long()
+
+
+def _row_chunks(logits: torch.Tensor):
+    n_rows, n_labels = logits.shape
+    step = max(1, CHUNK_ELEMENTS // max(1, n_labels))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
+
+
+@dataclass(frozen=True)
+class BinaryLoss:
+    """A per-pair loss ``f(z, y)`` for targets 0 and 1, with its derivatives in ``z``."""
+
+    negative: Callable[[torch.Tensor], torch.Tensor]  # f(z, 0)
+    positive: Callable[[torch.Tensor], torch.Tensor]  # f(z, 1)
+    negative_grad: Callable[[torch.Tensor], torch.Tensor]
+    positive_grad: Callable[[torch.Tensor], torch.Tensor]
+
+
+SQUARED_HINGE = BinaryLoss(  # max(0, 1 - y z)^2 with y in {-1, +1}
+    negative=lambda z: torch.relu(1 + z).square(),
+    positive=lambda z: torch.relu(1 - z).square(),
+    negative_grad=lambda z: 2 * torch.relu(1 + z),
+    positive_grad=lambda z: -2 * torch.relu(1 - z),
+)
+
+BCE = BinaryLoss(  # binary cross-entropy with logits: softplus(z) - y z
+    negative=torch.nn.functional.softplus,
+    positive=lambda z: torch.nn.functional.softplus(-z),
+    negative_grad=torch.sigmoid,
+    positive_grad=lambda z: torch.sigmoid(z) - 1,
+)
+
+
+class _SparseTargetLoss(torch.autograd.Function):
+    """Mean over all ``B * L`` pairs of ``loss.f(z, y)``; keeps only the logits for backward."""
+
+    @staticmethod
+    def forward(ctx, logits, rows, labels, loss):  # noqa: D102 (autograd protocol)
+        ctx.save_for_backward(logits, rows, labels)
+        ctx.loss = loss
+        acc = _accumulation_dtype(logits)
+        total = torch.zeros((), dtype=acc, device=logits.device)
+        for part in _row_chunks(logits):
+            total += loss.negative(logits[part].to(acc)).sum()
+        positives = logits[rows, labels].to(acc)
+        total += (loss.positive(positives) - loss.negative(positives)).sum()
+        return total / logits.numel()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):  # noqa: D102 (autograd protocol)
+        logits, rows, labels = ctx.saved_tensors
+        loss = ctx.loss
+        acc = _accumulation_dtype(logits)
+        scale = grad_loss.to(acc) / logits.numel()
+        grad = torch.empty_like(logits)
+        for part in _row_chunks(logits):
+            grad[part] = loss.negative_grad(logits[part].to(acc)) * scale
+        # Labels within a row are distinct, so overwriting the positive pairs is exact.
+        grad[rows, labels] = (loss.positive_grad(logits[rows, labels].to(acc)) * scale).to(grad.dtype)
+        return grad, None, None, None
+
+
+def _accumulation_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def sparse_target_loss(
+    logits: torch.Tensor, y_indices: torch.Tensor, y_ptr: torch.Tensor, loss: BinaryLoss
+) -> torch.Tensor:
+    """Mean of ``loss`` over all pairs of ``logits [B, L]``, the positives given as CSR label rows
+    (``y_indices`` flat label ids, distinct within a row; ``y_ptr [B + 1]``)."""
+    if logits.dim() != 2 or y_ptr.numel() != logits.shape[0] + 1:
+        raise ValueError(
+            f"logits must be [B, L] with B + 1 label row pointers, got logits {tuple(logits.shape)} "
+            f"and {y_ptr.numel()} row pointers"
+        )
+    rows, labels = label_positions(y_indices, y_ptr)
+    return _SparseTargetLoss.apply(logits, rows, labels, loss)
+
+
+def squared_hinge_loss(logits: torch.Tensor, y_indices: torch.Tensor, y_ptr: torch.Tensor) -> torch.Tensor:
+    """Mean over ``B * L`` of ``max(0, 1 - y z)^2``, ``y = +1`` at the labels and ``-1`` elsewhere."""
+    return sparse_target_loss(logits, y_indices, y_ptr, SQUARED_HINGE)
+
+
+def bce_loss(logits: torch.Tensor, y_indices: torch.Tensor, y_ptr: torch.Tensor) -> torch.Tensor:
+    """Mean over ``B * L`` of ``softplus(z) - y z``, ``y = 1`` at the labels and 0 elsewhere."""
+    return sparse_target_loss(logits, y_indices, y_ptr, BCE)
+
+
+LOSSES: dict[str, LossFn] = {"squared-hinge": squared_hinge_loss, "bce": bce_loss}
+
+
+def loss_fn(name: str) -> LossFn:
+    """The loss called ``name`` (``train.loss``): ``(logits, y_indices, y_ptr) -> scalar``."""
+    if name not in LOSSES:
+        raise XMLSparseError(f"train.loss: unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
+    return LOSSES[name]
