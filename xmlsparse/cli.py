@@ -96,7 +96,7 @@ def synth(
     like: Optional[str] = typer.Option(None, help="Copy the shape of a registry data set, e.g. amazon-670k."),
     scale: float = typer.Option(1.0, help="Multiplies points and labels of --like."),
     features: str = typer.Option("dense", help="dense (d-dimensional rows) or bow (sparse tf-idf)."),
-    dim: int = typer.Option(768, help="Width of dense features."),
+    dim: Optional[int] = typer.Option(None, help="Width of dense features (default 768, or the preset's)."),
     n_train: Optional[int] = typer.Option(None, help="Training points (without --like)."),
     n_test: Optional[int] = typer.Option(None, help="Test points (without --like)."),
     n_labels: Optional[int] = typer.Option(None, help="Labels (without --like)."),
@@ -106,13 +106,13 @@ def synth(
     out: Optional[Path] = typer.Option(None, help="Output folder (default: data/synthetic-...)."),
 ) -> None:
     """Generate a seeded synthetic data set with XMC statistics (power-law label frequencies)."""
-    from xmlsparse.data.synthetic import default_output_dir, generate
+    from xmlsparse.data.synthetic import generate
 
-    if features not in ("dense", "bow"):
-        raise XMLSparseError(f"--features {features!r}: expected dense or bow")
-    target = out if out is not None else default_output_dir(Path("data"), like, scale, features)
+    if out is None:
+        suffix = f"-{like}" + (f"-x{scale:g}" if scale != 1.0 else "") if like else ""
+        out = Path("data") / f"synthetic{suffix}-{features}"
     path = generate(
-        target, like=like, scale=scale, n_train=n_train, n_test=n_test, n_labels=n_labels,
+        out, like=like, scale=scale, n_train=n_train, n_test=n_test, n_labels=n_labels,
         n_features=n_features, labels_per_point=labels_per_point, features=features, dim=dim, seed=seed,
     )
     typer.echo(f"synthetic data set written to {path}")

@@ -33,7 +33,7 @@ class DataConfig:
 
 @dataclass
 class EncoderConfig:
-    type: str = "dense"  # dense | bow
+    type: Union[str, None] = None  # bow | dense; null follows data.features
     dim: int = 512  # bow: embedding size
     hidden: list = field(default_factory=list)
     dropout: float = 0.1
@@ -195,7 +195,7 @@ def _build(cls: type, values: dict, prefix: str, source: str) -> Any:
             valid = ", ".join(names)
             raise XMLSparseError(f"{source}: unknown key {key!r}{hint} (valid keys here: {valid})")
         kwargs[name] = _convert(value, hints[name], key, source)
-        if key in CHOICES and kwargs[name] not in CHOICES[key]:
+        if key in CHOICES and kwargs[name] is not None and kwargs[name] not in CHOICES[key]:
             raise XMLSparseError(f"{source}: {key} = {value!r}: expected one of {', '.join(CHOICES[key])}")
     return cls(**kwargs)
 

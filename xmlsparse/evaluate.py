@@ -8,12 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from xmlsparse.data.batches import Batch, BatchIterator, Prefetcher
 from xmlsparse.data.formats import XMCData
-from xmlsparse.metrics import StreamingMetrics, topk_from_scores
+from xmlsparse.metrics import StreamingMetrics, topk_from_scores, topk_values_and_indices
 
 
 def autocast_for(device: torch.device, precision: str) -> torch.autocast:
@@ -22,9 +21,11 @@ def autocast_for(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _batches(data: XMCData, batch_size: int, device: torch.device) -> Iterator[Batch]:
-    labels = data.Y if data.Y is not None else sp.csr_matrix((data.n_points, data.n_labels), dtype=np.float32)
-    return iter(Prefetcher(BatchIterator(data.X, labels, batch_size, shuffle=False), device))
+def _batches(
+    data: XMCData, batch_size: int, device: torch.device, points: np.ndarray | None = None
+) -> Iterator[Batch]:
+    iterator = BatchIterator(data.X, data.Y, batch_size, shuffle=False, points=points)
+    return iter(Prefetcher(iterator, device))
 
 
 @torch.no_grad()
@@ -42,9 +43,9 @@ def predict_topk(
     for batch in _batches(data, batch_size, device):
         with autocast_for(device, precision):
             logits = model(batch)
-        top_scores, top_ids = topk_from_scores(logits.float(), k)
-        ids.append(torch.as_tensor(top_ids).cpu().numpy())
-        scores.append(torch.as_tensor(top_scores).cpu().numpy())
+        top_scores, top_ids = topk_values_and_indices(logits.float(), k)
+        ids.append(top_ids.cpu().numpy())
+        scores.append(top_scores.cpu().numpy())
     return np.concatenate(ids), np.concatenate(scores)
 
 
@@ -57,15 +58,15 @@ def evaluate(
     device: torch.device,
     precision: str = "fp32",
     inv_propensity: np.ndarray | None = None,
+    points: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """P@k, nDCG@k, R@k (and PSP@k, PSnDCG@k with propensities) of ``model`` on ``data``."""
+    """P@k, nDCG@k, R@k (and PSP@k, PSnDCG@k with propensities) of ``model`` on ``data``
+    (or on its rows ``points``)."""
     model.eval()
     metrics = StreamingMetrics(ks=tuple(ks), inv_propensity=inv_propensity)
-    start = 0
-    for batch in _batches(data, batch_size, device):
+    for batch in _batches(data, batch_size, device, points):
         with autocast_for(device, precision):
             logits = model(batch)
-        _, top_ids = topk_from_scores(logits.float(), max(ks))
-        metrics.update(torch.as_tensor(top_ids).cpu().numpy(), data.Y[start : start + batch.size])
-        start += batch.size
+        top_ids = topk_from_scores(logits.float(), max(ks))
+        metrics.update(top_ids.cpu().numpy(), data.Y[batch.points])
     return metrics.compute()

@@ -49,8 +49,9 @@ class TrainingDiverged(XMLSparseError):
 
 @dataclass
 class PreparedData:
-    train: XMCData
-    validation: XMCData
+    train: XMCData  # the whole training file; train_rows / val_rows select the two parts
+    train_rows: np.ndarray
+    val_rows: np.ndarray
     test: XMCData
     inv_propensity: np.ndarray
     name: str
@@ -64,10 +65,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _rows(data: XMCData, rows: np.ndarray) -> XMCData:
-    return XMCData(X=data.X[rows], Y=data.Y[rows], n_features=data.n_features, n_labels=data.n_labels)
-
-
 def prepare_data(config: Config) -> PreparedData:
     """Load the data set, carve the seeded validation split out of train, and count propensities."""
     train, test, info = load_dataset(config.data.dataset, Path(config.data.root), config.data.features)
@@ -75,7 +72,7 @@ def prepare_data(config: Config) -> PreparedData:
     inv_prop = inverse_propensity(label_frequencies(train.Y), train.n_points, a, b)
     train_rows, val_rows = split_validation(train.n_points, config.data.validation, config.train.seed)
     name = info.name if info is not None else str(config.data.dataset)
-    return PreparedData(_rows(train, train_rows), _rows(train, val_rows), test, inv_prop, name)
+    return PreparedData(train, train_rows, val_rows, test, inv_prop, name)
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -111,12 +108,11 @@ class Trainer:
         self.data = prepare_data(config)
         train = self.data.train
         self.model = build_model(
-            config_to_dict(config)["model"], train.n_features, train.n_labels, config.data.features,
-            impl=config.model.head.impl,
+            config_to_dict(config)["model"], train.n_features, train.n_labels, config.data.features
         ).to(device)
         self.optimizer = _build_optimizer(self.model, config)
         batch_size = config.train.batch_size
-        steps_per_epoch = math.ceil(train.n_points / batch_size)
+        steps_per_epoch = math.ceil(len(self.data.train_rows) / batch_size)
         if config.train.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
         self.steps_per_epoch = steps_per_epoch
@@ -138,7 +134,8 @@ class Trainer:
             return None
         return Rewirer(
             interval=rewire.interval,
-            fraction=rewire.fraction,
+            # A threshold, when given, replaces the fraction: the two are alternative rules.
+            fraction=rewire.fraction if rewire.threshold is None else None,
             threshold=rewire.threshold,
             threshold_decay=rewire.threshold_decay,
             stop=rewire.stop,
@@ -197,10 +194,11 @@ class Trainer:
         config = self.config.train
         iterator = BatchIterator(
             self.data.train.X, self.data.train.Y, config.batch_size, shuffle=True, seed=config.seed,
+            points=self.data.train_rows,
         )
-        iterator.set_epoch(self.epoch)
+        iterator.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
         n_batches = min(len(iterator), self.steps_per_epoch)
-        batches = Prefetcher(iterator.iter_from(self.batch_in_epoch), self.device)
+        batches = Prefetcher(iterator, self.device)
         running = torch.zeros((), device=self.device, dtype=torch.float64)
         bar = tqdm(
             total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}",
@@ -208,6 +206,7 @@ class Trainer:
         )
         started = time.perf_counter()
         samples = 0
+        done_here = 0
         self.model.train()
         for batch in batches:
             if self.batch_in_epoch >= n_batches:
@@ -222,6 +221,7 @@ class Trainer:
             self.step += 1
             self.batch_in_epoch += 1
             samples += batch.size
+            done_here += 1
             running += loss.detach()
             if self.rewirer is not None:
                 fraction = self.rewirer.maybe_rewire(self.model.head, self.optimizer, self.step)
@@ -229,7 +229,7 @@ class Trainer:
                     self.epoch_stats["rewired"] += fraction
             if self.batch_in_epoch % FINITE_CHECK_INTERVAL == 0 or self.batch_in_epoch == n_batches:
                 self._check_finite(running)
-                bar.set_postfix(loss=f"{running.item() / max(1, self.batch_in_epoch - self.epoch_stats['batches']):.4g}")
+                bar.set_postfix(loss=f"{running.item() / done_here:.4g}")
             bar.update(1)
             if self._stop_requested:
                 break
@@ -253,8 +253,8 @@ class Trainer:
         """Validate, log, checkpoint; True when early stopping ends the run."""
         config = self.config
         val = evaluate(
-            self.model, self.data.validation, config.eval.k, config.train.eval_batch_size, self.device,
-            self.precision, self.data.inv_propensity,
+            self.model, self.data.train, config.eval.k, config.train.eval_batch_size, self.device,
+            self.precision, self.data.inv_propensity, points=self.data.val_rows,
         )
         stats = self.epoch_stats
         seconds = max(stats["seconds"], 1e-9)
