@@ -6,12 +6,14 @@ No N x L score matrix exists: each batch's logits are reduced to its top-k befor
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from xmlsparse.data.batches import Batch, BatchIterator, Prefetcher
 from xmlsparse.data.formats import XMCData
+from xmlsparse.errors import XMLSparseError
 from xmlsparse.metrics import StreamingMetrics, topk_from_scores, topk_values_and_indices
 
 
@@ -70,3 +72,117 @@ def evaluate(
         top_ids = topk_from_scores(logits.float(), max(ks))
         metrics.update(top_ids.cpu().numpy(), data.Y[batch.points])
     return metrics.compute()
+
+
+# Rows of a prediction file scored at a time: bounds the dense top-k work per block.
+PREDICTION_ROWS_PER_BLOCK = 4096
+
+
+def evaluate_predictions_file(
+    predictions: Path,
+    truth: Path,
+    ks: list[int],
+    train: Path | None = None,
+    a: float | None = None,
+    b: float | None = None,
+) -> dict[str, float]:
+    """Score a prediction file (npz CSR scores or ``label:score`` lines) against a data set's labels.
+
+    PSP@k and PSnDCG@k need the training labels (``train``) for the propensities; A and B default
+    to those of Jain et al. (2016).
+    """
+    from xmlsparse.data.predictions import read_predictions
+    from xmlsparse.metrics import inverse_propensity, label_frequencies, topk_from_sparse_scores
+    from xmlsparse.train.setup import DEFAULT_PROPENSITY
+
+    truth_labels = _labels_of(truth)
+    n_points, n_labels = truth_labels.shape
+    scores = read_predictions(predictions, n_labels=n_labels)
+    if scores.shape[0] != n_points:
+        raise XMLSparseError(f"{predictions}: {scores.shape[0]} points of predictions, but {truth} has {n_points} points")
+    inv_prop = None
+    if train is not None:
+        train_labels = _labels_of(train)
+        if train_labels.shape[1] != n_labels:
+            raise XMLSparseError(f"{train}: {train_labels.shape[1]} labels, but {truth} has {n_labels}")
+        a = DEFAULT_PROPENSITY[0] if a is None else a
+        b = DEFAULT_PROPENSITY[1] if b is None else b
+        inv_prop = inverse_propensity(label_frequencies(train_labels), train_labels.shape[0], a, b)
+    metrics = StreamingMetrics(ks=tuple(ks), inv_propensity=inv_prop)
+    for start in range(0, n_points, PREDICTION_ROWS_PER_BLOCK):
+        stop = min(start + PREDICTION_ROWS_PER_BLOCK, n_points)
+        metrics.update(topk_from_sparse_scores(scores[start:stop], max(ks)), truth_labels[start:stop])
+    return metrics.compute()
+
+
+def _labels_of(path: Path):
+    """The label matrix of a data file: a label npz (``Y.tst.npz``) or any format ``load_split`` reads."""
+    from xmlsparse.data.formats import load_split, read_csr_npz
+
+    if path.suffix == ".npz" and path.name.startswith("Y."):
+        return read_csr_npz(path)
+    return load_split(path).Y
+
+
+def load_run(run_dir: Path, device: torch.device | None = None):
+    """The config, prepared data and best (else last) model of a run directory."""
+    from xmlsparse.config import load_config
+    from xmlsparse.train.checkpoint import BEST, LAST, load_checkpoint
+    from xmlsparse.train.setup import model_for, prepare_data, resolve_device
+
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise XMLSparseError(f"{run_dir}: not a run directory ({config_path.name} is missing)")
+    config = load_config(config_path)
+    device = device if device is not None else resolve_device(config.train.device)
+    checkpoint = next((p for p in (run_dir / "checkpoints" / BEST, run_dir / "checkpoints" / LAST) if p.exists()), None)
+    if checkpoint is None:
+        raise XMLSparseError(f"{run_dir}: no checkpoint yet (checkpoints/{BEST} and {LAST} are missing)")
+    data = prepare_data(config)
+    model = model_for(config, data.train, device)
+    model.load_state_dict(load_checkpoint(checkpoint, map_location=device)["model"])
+    return config, data, model, device
+
+
+def evaluate_run_dir(run_dir: Path, split: str, ks: list[int], save_predictions: bool = False) -> dict[str, float]:
+    """Metrics of a run's best model on its test split or its validation split."""
+    from xmlsparse.data.predictions import write_predictions
+
+    config, data, model, device = load_run(run_dir)
+    precision = config.train.precision if device.type == "cuda" else "fp32"
+    source = data.test if split == "test" else data.train
+    points = None if split == "test" else data.val_rows
+    batch_size = config.train.eval_batch_size
+    metrics = evaluate(model, source, ks, batch_size, device, precision, data.inv_propensity, points=points)
+    if save_predictions:
+        subset = source if points is None else XMCData(source.X[points], source.Y[points], source.n_features, source.n_labels)
+        ids, scores = predict_topk(model, subset, max(ks), batch_size, device, precision)
+        write_predictions(run_dir / f"predictions-{split}.txt", ids, scores, n_labels=source.n_labels)
+    return metrics
+
+
+def predict_file(run_dir: Path, input_path: Path, top_k: int, out: Path | None = None) -> Path:
+    """Top-k labels of every point of an input file (XC text, npz, or dense .npy rows)."""
+    import scipy.sparse as sp
+
+    from xmlsparse.data.formats import load_split, read_npy_features
+    from xmlsparse.data.predictions import write_predictions
+
+    if top_k < 1:
+        raise XMLSparseError(f"--top-k {top_k}: expected a positive number of labels")
+    config, data, model, device = load_run(run_dir)
+    if input_path.suffix == ".npy":
+        features = read_npy_features(input_path)
+        empty = sp.csr_matrix((features.shape[0], data.train.n_labels), dtype=np.float32)
+        inputs = XMCData(features, empty, features.shape[1], data.train.n_labels)
+    else:
+        inputs = load_split(input_path)
+    if inputs.n_features != data.train.n_features:
+        raise XMLSparseError(
+            f"{input_path}: {inputs.n_features} features, but the model of {run_dir} reads {data.train.n_features}"
+        )
+    precision = config.train.precision if device.type == "cuda" else "fp32"
+    ids, scores = predict_topk(model, inputs, top_k, config.train.eval_batch_size, device, precision)
+    target = out if out is not None else run_dir / "predictions.txt"
+    write_predictions(target, ids, scores, n_labels=data.train.n_labels)
+    return target

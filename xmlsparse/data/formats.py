@@ -279,7 +279,8 @@ def read_split_text(features_path: PathLike, labels_path: PathLike) -> XMCData:
 # binary formats: scipy CSR .npz (pyxclib, PECOS) and dense .npy feature rows
 
 
-def _read_csr_npz(path: Path) -> sp.csr_matrix:
+def read_csr_npz(path: Path) -> sp.csr_matrix:
+    """A CSR matrix saved by scipy.sparse.save_npz, as float32 with sorted, summed indices."""
     try:
         matrix = sp.load_npz(path)
     except FileNotFoundError:
@@ -325,8 +326,8 @@ def _check_same_points(x_rows: int, x_path: Path, y_rows: int, y_path: Path) -> 
 def read_npz_pair(x_path: PathLike, y_path: PathLike) -> XMCData:
     """Features from a CSR .npz (or dense .npy) and labels from a CSR .npz."""
     x_path, y_path = Path(x_path), Path(y_path)
-    X = read_npy_features(x_path) if x_path.suffix == ".npy" else _read_csr_npz(x_path)
-    Y = _read_csr_npz(y_path)
+    X = read_npy_features(x_path) if x_path.suffix == ".npy" else read_csr_npz(x_path)
+    Y = read_csr_npz(y_path)
     _check_same_points(X.shape[0], x_path, Y.shape[0], y_path)
     return XMCData(X=X, Y=Y, n_features=X.shape[1], n_labels=Y.shape[1])
 

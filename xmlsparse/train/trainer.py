@@ -16,7 +16,6 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,54 +24,22 @@ import torch
 from tqdm import tqdm
 
 from xmlsparse.config import Config, config_to_dict, save_config
-from xmlsparse.data.batches import BatchIterator, Prefetcher, split_validation
-from xmlsparse.data.datasets import load_dataset
-from xmlsparse.data.formats import XMCData
+from xmlsparse.data.batches import BatchIterator, Prefetcher
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.evaluate import autocast_for, evaluate
-from xmlsparse.metrics import inverse_propensity, label_frequencies
-from xmlsparse.nn.model import XMCModel, build_model
+from xmlsparse.nn.model import XMCModel
 from xmlsparse.nn.rewire import Rewirer
 from xmlsparse.train.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from xmlsparse.train.losses import loss_fn
 from xmlsparse.train.schedules import Schedule
+from xmlsparse.train.setup import model_for, prepare_data, resolve_device
 
-# Propensity parameters of Jain et al. (2016) for data sets that do not state their own.
-DEFAULT_PROPENSITY = (0.55, 1.5)
 # Steps between checks of the running loss for NaN: each check waits for the device.
 FINITE_CHECK_INTERVAL = 100
 
 
 class TrainingDiverged(XMLSparseError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-@dataclass
-class PreparedData:
-    train: XMCData  # the whole training file; train_rows / val_rows select the two parts
-    train_rows: np.ndarray
-    val_rows: np.ndarray
-    test: XMCData
-    inv_propensity: np.ndarray
-    name: str
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise XMLSparseError("device 'cuda' was asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def prepare_data(config: Config) -> PreparedData:
-    """Load the data set, carve the seeded validation split out of train, and count propensities."""
-    train, test, info = load_dataset(config.data.dataset, Path(config.data.root), config.data.features)
-    a, b = (info.propensity_a, info.propensity_b) if info is not None else DEFAULT_PROPENSITY
-    inv_prop = inverse_propensity(label_frequencies(train.Y), train.n_points, a, b)
-    train_rows, val_rows = split_validation(train.n_points, config.data.validation, config.train.seed)
-    name = info.name if info is not None else str(config.data.dataset)
-    return PreparedData(train, train_rows, val_rows, test, inv_prop, name)
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -107,9 +74,7 @@ class Trainer:
         np.random.seed(config.train.seed)
         self.data = prepare_data(config)
         train = self.data.train
-        self.model = build_model(
-            config_to_dict(config)["model"], train.n_features, train.n_labels, config.data.features
-        ).to(device)
+        self.model = model_for(config, train, device)
         self.optimizer = _build_optimizer(self.model, config)
         batch_size = config.train.batch_size
         steps_per_epoch = math.ceil(len(self.data.train_rows) / batch_size)

@@ -1,0 +1,55 @@
+"""What a run needs before its first step, shared by training, evaluation and prediction:
+the device, the data with its validation split and propensities, and the model of a config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xmlsparse.config import Config, config_to_dict
+from xmlsparse.data.batches import split_validation
+from xmlsparse.data.datasets import load_dataset
+from xmlsparse.data.formats import XMCData
+from xmlsparse.errors import XMLSparseError
+from xmlsparse.metrics import inverse_propensity, label_frequencies
+from xmlsparse.nn.model import XMCModel, build_model
+
+# Propensity parameters of Jain et al. (2016) for data sets that do not state their own.
+DEFAULT_PROPENSITY = (0.55, 1.5)
+
+
+@dataclass
+class PreparedData:
+    train: XMCData  # the whole training file; train_rows / val_rows select the two parts
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    test: XMCData
+    inv_propensity: np.ndarray
+    name: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise XMLSparseError("device 'cuda' was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def prepare_data(config: Config) -> PreparedData:
+    """Load the data set, carve the seeded validation split out of train, and count propensities."""
+    train, test, info = load_dataset(config.data.dataset, Path(config.data.root), config.data.features)
+    a, b = (info.propensity_a, info.propensity_b) if info is not None else DEFAULT_PROPENSITY
+    inv_prop = inverse_propensity(label_frequencies(train.Y), train.n_points, a, b)
+    train_rows, val_rows = split_validation(train.n_points, config.data.validation, config.train.seed)
+    name = info.name if info is not None else str(config.data.dataset)
+    return PreparedData(train, train_rows, val_rows, test, inv_prop, name)
+
+
+def model_for(config: Config, train: XMCData, device: torch.device) -> XMCModel:
+    """The model of ``config`` sized for ``train``'s features and labels, on ``device``."""
+    model = build_model(config_to_dict(config)["model"], train.n_features, train.n_labels, config.data.features)
+    return model.to(device)
