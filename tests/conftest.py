@@ -11,3 +11,17 @@ def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
         pytest.skip(f"real data sets not found at {SHARED_DATASETS} (the shared folder beside the repository)")
     return SHARED_DATASETS
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache_dir(tmp_path_factory):
+    """Parse caches of read-only sources go to a folder of the test run, not the user's home."""
+    import os
+
+    previous = os.environ.get("XMLSPARSE_CACHE_DIR")
+    os.environ["XMLSPARSE_CACHE_DIR"] = str(tmp_path_factory.mktemp("xmlsparse-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XMLSPARSE_CACHE_DIR", None)
+    else:
+        os.environ["XMLSPARSE_CACHE_DIR"] = previous

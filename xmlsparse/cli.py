@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -61,17 +62,9 @@ def _print_metrics(metrics: dict[str, float]) -> None:
 @one_line_errors
 def datasets(root: Path = typer.Option(Path("data"), help="Dataset root folder.")) -> None:
     """List the standard data sets with their shapes and whether each is present locally."""
-    from xmlsparse.data.datasets import dataset_table
+    from xmlsparse.data.datasets import dataset_rows, format_dataset_rows
 
-    rows = dataset_table(root)
-    header = f"{'name':<22}{'train N':>11}{'test N':>10}{'features':>11}{'labels':>11}{'lbl/pt':>8}{'A':>6}{'B':>6}  local"
-    typer.echo(header)
-    for row in rows:
-        typer.echo(
-            f"{row['name']:<22}{row['n_train']:>11,}{row['n_test']:>10,}{row['n_features']:>11,}"
-            f"{row['n_labels']:>11,}{row['labels_per_point']:>8.2f}{row['propensity_a']:>6.2f}"
-            f"{row['propensity_b']:>6.2f}  {row['status']}"
-        )
+    typer.echo(format_dataset_rows(dataset_rows(root)))
 
 
 @app.command("download-dataset")
@@ -86,7 +79,15 @@ def download_dataset_command(
     """Fetch, verify, extract and convert a standard data set."""
     from xmlsparse.data.download import download_dataset
 
-    path = download_dataset(name, root=root, variant=variant, url=url, from_file=from_file)
+    if variant not in ("bow", "raw"):
+        raise XMLSparseError(f"--variant {variant!r}: expected bow or raw")
+    with warnings.catch_warnings():
+        # A count mismatch is reported once, through progress, rather than twice.
+        warnings.simplefilter("ignore", UserWarning)
+        path = download_dataset(
+            name, root=root, variant=variant, url=url, from_file=from_file,
+            progress=lambda message: typer.echo(message, err=True),
+        )
     typer.echo(f"{name} is ready in {path}")
 
 

@@ -1,0 +1,108 @@
+"""The `xmlsparse` commands, run as a user runs them: help, datasets, synth, train, eval, predict."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from xmlsparse.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("cli")
+    data = folder / "data"
+    result = invoke("synth", "--n-train", "600", "--n-test", "150", "--n-labels", "80", "--labels-per-point", "3",
+                    "--dim", "24", "--out", str(data))
+    assert result.exit_code == 0, result.output
+    config = folder / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"dataset": str(data), "features": "dense"},
+        "model": {"intermediate": {"size": 48}, "head": {"fan_in": 6}, "rewire": {"interval": 5}},
+        "train": {"epochs": 2, "batch_size": 32, "device": "cpu"},
+    }))
+    run = folder / "run"
+    result = invoke("train", str(config), "--out", str(run), "--set", "train.optimizer.lr=3e-3")
+    assert result.exit_code == 0, result.output
+    assert "P " in result.output and "@5" in result.output
+    return run, data
+
+
+def test_help_lists_every_command():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("datasets", "download-dataset", "synth", "train", "eval", "predict"):
+        assert command in result.output
+
+
+def test_datasets_lists_the_registry(tmp_path):
+    result = invoke("datasets", "--root", str(tmp_path))
+    assert result.exit_code == 0
+    assert "amazon-670k" in result.output and "670,091" in result.output and "missing" in result.output
+
+
+def test_eval_of_a_run_directory_matches_final_json(trained_run, tmp_path):
+    run, _ = trained_run
+    out = tmp_path / "m.json"
+    result = invoke("eval", str(run), "--json", str(out), "--save-predictions")
+    assert result.exit_code == 0, result.output
+    final = json.loads((run / "final.json").read_text())["test"]
+    measured = json.loads(out.read_text())
+    assert measured == pytest.approx({k: final[k] for k in measured})
+    assert (run / "predictions-test.txt").is_file()
+    assert invoke("eval", str(run), "--split", "val", "--k", "1,2").exit_code == 0
+
+
+def test_eval_of_a_prediction_file_matches_the_run(trained_run, tmp_path):
+    run, data = trained_run
+    invoke("eval", str(run), "--save-predictions")
+    out = tmp_path / "m.json"
+    result = invoke("eval", "--predictions", str(run / "predictions-test.txt"), "--truth", str(data / "Y.tst.npz"),
+                    "--train", str(data / "Y.trn.npz"), "--A", "0.55", "--B", "1.5", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    from_file = json.loads(out.read_text())
+    final = json.loads((run / "final.json").read_text())["test"]
+    for key in ("P@1", "P@3", "P@5", "nDCG@5", "R@5"):
+        assert from_file[key] == pytest.approx(final[key])
+    assert set(from_file) >= {"PSP@1", "PSnDCG@5"}
+
+
+def test_predict_writes_top_k_lines(trained_run, tmp_path):
+    run, data = trained_run
+    out = tmp_path / "pred.txt"
+    result = invoke("predict", str(run), str(data / "X.tst.npy"), "--top-k", "3", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    lines = out.read_text().splitlines()
+    assert lines[0] == "150 80" and len(lines) == 151
+    assert all(len(line.split()) == 3 for line in lines[1:])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval"], "give a RUN_DIR, or --predictions PRED --truth TEST"),
+        (["eval", "nowhere", "--k", "1,x"], "--k '1,x': expected comma-separated positive integers"),
+        (["eval", "nowhere"], "nowhere: not a run directory"),
+        (["eval", "--predictions", "p.txt"], "--predictions needs --truth"),
+        (["train", "missing.yaml"], "missing.yaml: config file not found"),
+        (["train", "missing.yaml", "--device", "tpu"], "--device 'tpu': expected cpu, cuda or auto"),
+        (["download-dataset", "nope"], "unknown data set 'nope'"),
+        (["download-dataset", "eurlex-4k", "--variant", "xml"], "--variant 'xml': expected bow or raw"),
+        (["synth", "--features", "pixels", "--like", "quickstart"], "features must be 'dense' or 'bow'"),
+        (["synth", "--n-train", "10"], "is required when no data set to imitate"),
+    ],
+)
+def test_bad_arguments_give_one_clear_error(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,132 @@
+"""End-to-end training on a tiny synthetic set: run directory, resume after SIGKILL and SIGINT, NaN."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from xmlsparse.config import load_config
+from xmlsparse.data.synthetic import generate
+from xmlsparse.train.trainer import TrainingDiverged, resume_run, start_run
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny")
+    return generate(folder, n_train=1200, n_test=300, n_labels=120, labels_per_point=3.0, dim=32, seed=3)
+
+
+def tiny_config(tmp_path: Path, data: Path, **train) -> Path:
+    values = {
+        "data": {"dataset": str(data), "features": "dense", "validation": 0.1},
+        "model": {
+            "encoder": {"type": "dense", "dropout": 0.1},
+            "intermediate": {"size": 64},
+            "head": {"type": "fixed-fanin", "fan_in": 8},
+            "rewire": {"interval": 10, "fraction": 0.1, "stop": 0.66},
+        },
+        "train": {"epochs": 3, "batch_size": 32, "optimizer": {"lr": 3.0e-3}, "device": "cpu", **train},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "xmlsparse", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, **kwargs,
+    )
+
+
+def test_run_directory_holds_config_metrics_checkpoints_and_final(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    final = start_run(load_config(tiny_config(tmp_path, tiny_data)), run).fit()
+    assert (run / "config.yaml").is_file()
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3]
+    for key in ("loss", "val_P@1", "val_P@3", "lr", "rewired_fraction", "epoch_seconds", "samples_per_second",
+                "peak_memory_bytes"):
+        assert key in lines[0]
+    # 34 steps an epoch, rewiring every 10 steps until 66 % of 102 steps: rounds at 10..60.
+    assert sum(line["rewired_fraction"] for line in lines) == pytest.approx(0.6, abs=0.05)
+    assert json.loads((run / "final.json").read_text())["test"] == final["test"]
+    # The model learns: far above the 1/L chance level after three epochs.
+    assert final["test"]["P@1"] > 0.2
+    with pytest.raises(Exception, match="already holds a run"):
+        start_run(load_config(tiny_config(tmp_path, tiny_data)), run)
+
+
+def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_data):
+    config = tiny_config(tmp_path, tiny_data, epochs=6)
+    whole = run_cli("train", str(config), "--out", str(tmp_path / "whole"))
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+
+    killed = run_cli("train", str(config), "--out", str(tmp_path / "killed"))
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert killed.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert not (tmp_path / "killed" / "final.json").exists()
+
+    resumed = run_cli("train", str(config), "--resume", str(tmp_path / "killed"))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    expected = json.loads((tmp_path / "whole" / "final.json").read_text())["test"]
+    assert json.loads((tmp_path / "killed" / "final.json").read_text())["test"] == expected
+
+
+def test_sigint_saves_and_exits_cleanly_then_resumes(tmp_path, tiny_data):
+    config = tiny_config(tmp_path, tiny_data, epochs=40)
+    run = tmp_path / "run"
+    process = run_cli("train", str(config), "--out", str(run))
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    assert "--resume" in process.stderr.read()
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] > 0
+    trainer = resume_run(run)
+    assert trainer.step == state["step"] and trainer.epoch == state["epoch"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    trainer = start_run(load_config(tiny_config(tmp_path, tiny_data, epochs=2)), run)
+    trainer._train_epoch()
+    trainer._end_epoch()
+    good = (run / "checkpoints" / "last.pt").read_bytes()
+
+    def nan_loss(logits, y_indices, y_ptr):
+        return logits.sum() * float("nan")
+
+    trainer.loss = nan_loss
+    with pytest.raises(TrainingDiverged, match="loss became nan"):
+        trainer.fit()
+    assert (run / "checkpoints" / "last.pt").read_bytes() == good
+    assert not (run / "final.json").exists()
+
+
+def test_missing_registry_data_set_names_the_download_command(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"dataset": "eurlex-4k", "root": str(tmp_path / "data")}}))
+    process = run_cli("train", str(config), "--out", str(tmp_path / "run"))
+    assert process.wait(timeout=120) == 2
+    assert "xmlsparse download-dataset eurlex-4k" in process.stderr.read()
