@@ -29,6 +29,9 @@ class DataConfig:
     root: str = "data"
     features: str = "bow"  # bow | dense (precomputed .npy rows)
     validation: float = 0.05  # fraction of train held out for early stopping and schedules
+    # BoW rows scaled to unit L2 norm on load (raw counts make the first layer's scale depend on
+    # document length); dense rows are used as given.
+    normalize: bool = True
 
 
 @dataclass

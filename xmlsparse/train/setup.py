@@ -3,10 +3,11 @@ the device, the data with its validation split and propensities, and the model o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import sklearn.preprocessing
 import torch
 
 from xmlsparse.config import Config, config_to_dict
@@ -42,11 +43,18 @@ def resolve_device(name: str) -> torch.device:
 def prepare_data(config: Config) -> PreparedData:
     """Load the data set, carve the seeded validation split out of train, and count propensities."""
     train, test, info = load_dataset(config.data.dataset, Path(config.data.root), config.data.features)
+    if config.data.normalize and config.data.features == "bow":
+        train, test = normalized_rows(train), normalized_rows(test)
     a, b = (info.propensity_a, info.propensity_b) if info is not None else DEFAULT_PROPENSITY
     inv_prop = inverse_propensity(label_frequencies(train.Y), train.n_points, a, b)
     train_rows, val_rows = split_validation(train.n_points, config.data.validation, config.train.seed)
     name = info.name if info is not None else str(config.data.dataset)
     return PreparedData(train, train_rows, val_rows, test, inv_prop, name)
+
+
+def normalized_rows(data: XMCData) -> XMCData:
+    """``data`` with its sparse feature rows scaled to unit L2 norm (empty rows stay empty)."""
+    return replace(data, X=sklearn.preprocessing.normalize(data.X, norm="l2", copy=True))
 
 
 def model_for(config: Config, train: XMCData, device: torch.device) -> XMCModel:
