@@ -32,6 +32,9 @@ class DataConfig:
     # BoW rows scaled to unit L2 norm on load (raw counts make the first layer's scale depend on
     # document length); dense rows are used as given.
     normalize: bool = True
+    # BoW values re-weighted by the training split's inverse document frequency (binary or count
+    # features, as Bibtex and Delicious ship); off for features that are tf-idf already.
+    tfidf: bool = False
 
 
 @dataclass

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import sklearn.feature_extraction.text
 import sklearn.preprocessing
 import torch
 
@@ -43,13 +44,24 @@ def resolve_device(name: str) -> torch.device:
 def prepare_data(config: Config) -> PreparedData:
     """Load the data set, carve the seeded validation split out of train, and count propensities."""
     train, test, info = load_dataset(config.data.dataset, Path(config.data.root), config.data.features)
-    if config.data.normalize and config.data.features == "bow":
-        train, test = normalized_rows(train), normalized_rows(test)
+    if config.data.features == "bow":
+        if config.data.tfidf:
+            train, test = idf_weighted(train, test)
+        if config.data.normalize:
+            train, test = normalized_rows(train), normalized_rows(test)
     a, b = (info.propensity_a, info.propensity_b) if info is not None else DEFAULT_PROPENSITY
     inv_prop = inverse_propensity(label_frequencies(train.Y), train.n_points, a, b)
     train_rows, val_rows = split_validation(train.n_points, config.data.validation, config.train.seed)
     name = info.name if info is not None else str(config.data.dataset)
     return PreparedData(train, train_rows, val_rows, test, inv_prop, name)
+
+
+def idf_weighted(train: XMCData, test: XMCData) -> tuple[XMCData, XMCData]:
+    """Both splits' feature values times the smoothed idf of the training split."""
+    idf = sklearn.feature_extraction.text.TfidfTransformer(norm=None, smooth_idf=True).fit(train.X)
+    return replace(train, X=idf.transform(train.X).astype(np.float32)), replace(
+        test, X=idf.transform(test.X).astype(np.float32)
+    )
 
 
 def normalized_rows(data: XMCData) -> XMCData:
