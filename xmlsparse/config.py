@@ -17,6 +17,7 @@ from typing import Any, Union
 
 import yaml
 
+from xmlsparse.atomic import atomic_write
 from xmlsparse.errors import XMLSparseError
 
 _FLOAT_PATTERN = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -283,6 +284,5 @@ def config_to_dict(config: Config) -> dict:
 
 def save_config(config: Config, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    with atomic_write(path, "w") as handle:
+        handle.write(yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from xmlsparse.data.formats import PathLike, XMCData, atomic_write
+from xmlsparse.atomic import atomic_write
+from xmlsparse.data.formats import PathLike, XMCData
 from xmlsparse.errors import XMLSparseError
 
 CACHE_VERSION = 1

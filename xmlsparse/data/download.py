@@ -31,7 +31,7 @@ from http.cookiejar import CookieJar
 from pathlib import Path, PurePosixPath
 from urllib.error import HTTPError, URLError
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
-from urllib.request import HTTPCookieProcessor, OpenerDirector, Request, build_opener
+from urllib.request import HTTPCookieProcessor, Request, build_opener
 
 import numpy as np
 import scipy.sparse

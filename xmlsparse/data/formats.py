@@ -7,10 +7,8 @@ where it applies, the 1-based line number and what was expected.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import scipy.sparse as sp
 from sklearn.datasets import dump_svmlight_file, load_svmlight_file
 from sklearn.feature_extraction.text import TfidfVectorizer
 
+from xmlsparse.atomic import atomic_write
 from xmlsparse.errors import XMLSparseError
 
 PathLike = Union[str, os.PathLike]
@@ -42,22 +41,6 @@ class XMCData:
     @property
     def n_points(self) -> int:
         return self.Y.shape[0]
-
-
-@contextlib.contextmanager
-def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
-    """Open a temporary file beside `path` for binary writing; it replaces `path` only once complete."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,9 +8,7 @@ Two forms are understood:
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import zipfile
 from array import array
 from collections.abc import Callable
@@ -20,6 +18,7 @@ from typing import IO
 import numpy as np
 import scipy.sparse as sp
 
+from xmlsparse.atomic import atomic_write
 from xmlsparse.errors import XMLSparseError
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -53,9 +52,11 @@ def write_predictions(
     idx, values = np.asarray(topk_idx), np.asarray(topk_scores)
     scores = _topk_matrix(idx, values, n_labels)  # also checks the arrays
     if path.suffix == ".npz":
-        _atomic_write(path, "wb", lambda f: sp.save_npz(f, scores))
+        with atomic_write(path, "wb") as f:
+            sp.save_npz(f, scores)
     else:
-        _atomic_write(path, "w", lambda f: _write_text(f, idx, values, scores.shape[1]))
+        with atomic_write(path, "w") as f:
+            _write_text(f, idx, values, scores.shape[1])
 
 
 def _read_npz(path: Path, n_labels: int | None) -> sp.csr_matrix:
@@ -202,16 +203,3 @@ def _write_text(f: IO[str], idx: np.ndarray, values: np.ndarray, n_labels: int) 
         if count not in line_formats:
             line_formats[count] = " ".join([item] * count) + "\n"
         f.write(line_formats[count] % tuple(flat[2 * start : 2 * end]))
-
-
-def _atomic_write(path: Path, mode: str, write: Callable[[IO], None]) -> None:
-    """Write through a temporary file in the same folder, then rename it over `path`."""
-    encoding = None if "b" in mode else "utf-8"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, encoding=encoding) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

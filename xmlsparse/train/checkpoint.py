@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -10,19 +9,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from xmlsparse.atomic import atomic_write
+
 LAST = "last.pt"
 BEST = "best.pt"
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary name in the same folder, fsync, then rename over ``path``."""
+    """``torch.save`` through :func:`atomic_write`: a kill mid-save leaves the previous checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_write(path) as handle:
         torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

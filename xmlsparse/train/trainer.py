@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import signal
 import sys
@@ -23,7 +22,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from xmlsparse.config import Config, config_to_dict, save_config
+from xmlsparse.atomic import atomic_write
+from xmlsparse.config import Config, config_to_dict, load_config, save_config
 from xmlsparse.data.batches import BatchIterator, Prefetcher
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.evaluate import autocast_for, evaluate
@@ -304,9 +304,8 @@ class Trainer:
 
 
 def write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as handle:
+        handle.write(json.dumps(value, indent=2) + "\n")
 
 
 def start_run(config: Config, run_dir: Path) -> Trainer:
@@ -320,8 +319,6 @@ def start_run(config: Config, run_dir: Path) -> Trainer:
 
 def resume_run(run_dir: Path, device: str | None = None) -> Trainer:
     """Rebuild the trainer of ``run_dir`` from its saved config and its last checkpoint."""
-    from xmlsparse.config import load_config
-
     last = run_dir / "checkpoints" / LAST
     if not last.exists():
         raise XMLSparseError(f"{run_dir}: no checkpoint to resume from ({last} is missing)")
