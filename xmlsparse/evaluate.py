@@ -14,7 +14,25 @@ import torch
 from xmlsparse.data.batches import Batch, BatchIterator, Prefetcher
 from xmlsparse.data.formats import XMCData
 from xmlsparse.errors import XMLSparseError
-from xmlsparse.metrics import StreamingMetrics, topk_from_scores, topk_values_and_indices
+from xmlsparse.metrics import StreamingMetrics, merge_topk, topk_values_and_indices
+
+
+# Logits of one batch held at a time while scoring: bounds evaluation memory whatever L is.
+LOGIT_ELEMENTS_PER_BLOCK = 1 << 25
+
+
+def topk_of_batch(model: torch.nn.Module, batch: Batch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k scores and label ids of a batch, streamed over label blocks and merged, so that no
+    ``B x L`` logit matrix exists (ties go to the lower label id, as in a dense top-k)."""
+    block = max(k, LOGIT_ELEMENTS_PER_BLOCK // max(1, batch.size))
+    best_vals = best_ids = None
+    for start, logits in model.label_blocks(batch, block):
+        vals, ids = topk_values_and_indices(logits.float(), k, label_offset=start)
+        if best_vals is None:
+            best_vals, best_ids = vals, ids
+        else:
+            best_vals, best_ids = merge_topk(best_vals, best_ids, vals, ids, k)
+    return best_vals, best_ids
 
 
 def autocast_for(device: torch.device, precision: str) -> torch.autocast:
@@ -44,8 +62,7 @@ def predict_topk(
     ids, scores = [], []
     for batch in _batches(data, batch_size, device):
         with autocast_for(device, precision):
-            logits = model(batch)
-        top_scores, top_ids = topk_values_and_indices(logits.float(), k)
+            top_scores, top_ids = topk_of_batch(model, batch, k)
         ids.append(top_ids.cpu().numpy())
         scores.append(top_scores.cpu().numpy())
     return np.concatenate(ids), np.concatenate(scores)
@@ -68,8 +85,7 @@ def evaluate(
     metrics = StreamingMetrics(ks=tuple(ks), inv_propensity=inv_propensity)
     for batch in _batches(data, batch_size, device, points):
         with autocast_for(device, precision):
-            logits = model(batch)
-        top_ids = topk_from_scores(logits.float(), max(ks))
+            _, top_ids = topk_of_batch(model, batch, max(ks))
         metrics.update(top_ids.cpu().numpy(), data.Y[batch.points])
     return metrics.compute()
 

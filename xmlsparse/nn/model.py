@@ -3,16 +3,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Mapping
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from xmlsparse.data.batches import Batch
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.nn.encoders import ACTIVATIONS, BowEncoder, DenseEncoder, make_activation
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
-from xmlsparse.ops import IMPLS
+from xmlsparse.ops import IMPLS, fixed_fanin
 
 PARTS = ("encoder", "intermediate", "head")
 HEAD_TYPES = ("fixed-fanin", "dense", "bottleneck")
@@ -59,6 +61,23 @@ class XMCModel(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits ``[B, L]``."""
         return self.head(self.features(batch))
+
+    def label_blocks(self, batch: Batch, block: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, logits[:, start:start + block])`` over the labels, so that scoring a batch
+        never holds all ``B x L`` logits at once; the head's input is computed once."""
+        h = self.features(batch)
+        head = self.head
+        if isinstance(head, nn.Sequential):  # bottleneck: the low-rank part once, then label slices
+            h, head = head[:-1](h), head[-1]
+        n_labels = head.out_features
+        for start in range(0, n_labels, block):
+            stop = min(start + block, n_labels)
+            bias = None if head.bias is None else head.bias[start:stop]
+            if isinstance(head, FixedFanInLinear):
+                logits = fixed_fanin(h, head.indices[start:stop], head.weight[start:stop], bias, impl=head.impl)
+            else:
+                logits = F.linear(h, head.weight[start:stop], bias)
+            yield start, logits
 
     def parts(self) -> dict[str, nn.Module]:
         """The model's parts by name (``intermediate`` left out when there is none)."""
