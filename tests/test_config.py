@@ -92,3 +92,13 @@ def test_extends_merges_deeply_and_detects_cycles(tmp_path):
 def test_dataset_may_be_a_mapping_of_paths():
     config = config_from_dict({"data": {"dataset": {"train": "a.txt", "test": "b.txt"}}})
     assert config.data.dataset == {"train": "a.txt", "test": "b.txt"}
+
+
+def test_schedule_metric_must_be_reported(tmp_path):
+    path = write(tmp_path / "c.yaml", "train: {early_stopping: {metric: P@10}}\n")
+    with pytest.raises(XMLSparseError, match=r"train.early_stopping.metric = 'P@10' is not a reported metric; did you mean"):
+        load_config(path)
+    path = write(tmp_path / "c.yaml", "train: {schedule: {metric: ndcg@5}}\n")
+    with pytest.raises(XMLSparseError, match=r"did you mean 'nDCG@5'"):
+        load_config(path)
+    assert load_config(path, ["train.schedule.metric=PSP@5"]).train.schedule.metric == "PSP@5"

@@ -42,6 +42,7 @@ class DataConfig:
 class EncoderConfig:
     type: Union[str, None] = None  # bow | dense; null follows data.features
     dim: int = 512  # bow: embedding size
+    input_dropout: float = 0.0  # bow: share of a document's words dropped in training
     hidden: list = field(default_factory=list)
     dropout: float = 0.1
     activation: str = "relu"
@@ -211,7 +212,29 @@ def config_from_dict(values: dict, source: str = "config") -> Config:
     """Validate a nested mapping into a :class:`Config`; defaults fill what is absent."""
     if not isinstance(values, dict):
         raise XMLSparseError(f"{source}: expected a mapping of sections (data, model, train, eval)")
-    return _build(Config, values, "", source)
+    config = _build(Config, values, "", source)
+    _check_metric_names(config, source)
+    return config
+
+
+METRIC_FAMILIES = ("P", "nDCG", "PSP", "PSnDCG", "R")
+
+
+def _check_metric_names(config: Config, source: str) -> None:
+    """The validation metrics that drive the schedule and early stopping must be ones evaluation reports."""
+    ks = config.eval.k
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise XMLSparseError(f"{source}: eval.k = {ks!r}: expected a list of positive integers")
+    valid = [f"{family}@{k}" for family in METRIC_FAMILIES for k in ks]
+    for key, name in (
+        ("train.schedule.metric", config.train.schedule.metric),
+        ("train.early_stopping.metric", config.train.early_stopping.metric),
+    ):
+        if name not in valid:
+            by_lower = {v.lower(): v for v in valid}
+            close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1)
+            hint = f"; did you mean {by_lower[close[0]]!r}?" if close else ""
+            raise XMLSparseError(f"{source}: {key} = {name!r} is not a reported metric{hint} (reported: {', '.join(valid)})")
 
 
 def _set_dotted(values: dict, dotted: str, raw: str) -> None:

@@ -66,8 +66,12 @@ class BowEncoder(nn.Module):
         hidden: Sequence[int] = (),
         dropout: float = 0.0,
         activation: str = "relu",
+        input_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        # Dropping whole words of a document: on small data sets it regularises the vocabulary
+        # embedding much as L2 does a linear model.
+        self.input_dropout = _dropout(input_dropout)
         self.embedding = nn.EmbeddingBag(n_features, dim, mode="sum")
         self.bias = nn.Parameter(torch.zeros(dim))
         self.activation = make_activation(activation)
@@ -78,7 +82,8 @@ class BowEncoder(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         if batch.x_indices is None:
             raise ValueError("BowEncoder needs bag-of-words batches (x_indices, x_weights, x_offsets)")
-        embedded = self.embedding(batch.x_indices, batch.x_offsets, per_sample_weights=batch.x_weights)
+        weights = self.input_dropout(batch.x_weights)
+        embedded = self.embedding(batch.x_indices, batch.x_offsets, per_sample_weights=weights)
         return self.mlp(self.dropout(self.activation(embedded + self.bias)))
 
 

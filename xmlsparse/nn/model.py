@@ -26,6 +26,7 @@ FEATURE_KINDS = ("bow", "dense")
 ENCODER_DEFAULTS: dict[str, Any] = {
     "type": None,  # None: the kind of the data's features
     "dim": 512,  # bow embedding size
+    "input_dropout": 0.0,  # bow: share of a document's words dropped in training
     "hidden": [],
     "dropout": 0.1,
     "activation": "relu",
@@ -163,7 +164,10 @@ def _build_encoder(cfg: dict[str, Any], n_features: int, feature_kind: str) -> n
     activation = _activation_name(cfg["activation"], "model.encoder.activation")
     if kind == "bow":
         dim = _positive_int(cfg["dim"], "model.encoder.dim")
-        return BowEncoder(n_features, dim, hidden, float(dropout), activation)
+        input_dropout = cfg["input_dropout"]
+        if isinstance(input_dropout, bool) or not isinstance(input_dropout, (int, float)) or not 0 <= input_dropout < 1:
+            raise XMLSparseError(f"model.encoder.input_dropout must be a number in [0, 1), got {input_dropout!r}")
+        return BowEncoder(n_features, dim, hidden, float(dropout), activation, float(input_dropout))
     return DenseEncoder(n_features, hidden, float(dropout), activation)
 
 
