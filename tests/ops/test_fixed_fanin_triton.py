@@ -16,16 +16,12 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-import xmlsparse.ops as ops  # noqa: E402
+from xmlsparse import ops  # noqa: E402
 from xmlsparse.ops import reference  # noqa: E402
 
-_dispatch = ops.fixed_fanin
-_already_loaded = "xmlsparse.ops.fixed_fanin" in sys.modules
-ff = importlib.import_module("xmlsparse.ops.fixed_fanin")
-if _already_loaded:
-    ff = importlib.reload(ff)  # imported earlier without TRITON_INTERPRET: decorate the kernels again
-# Importing the submodule rebinds the package attribute of the same name; keep the dispatcher there.
-ops.fixed_fanin = _dispatch
+# The package imported the kernel module already, possibly without TRITON_INTERPRET: decorate the
+# kernels again under the interpreter.
+ff = importlib.reload(sys.modules["xmlsparse.ops.fixed_fanin"])
 
 # (L, K, D, B): ragged shapes, K = 1, B = 1, a batch over 16 (padded h^T rows), several batch blocks.
 SHAPES = [(333, 72, 129, 7), (41, 1, 17, 1), (37, 5, 9, 20), (29, 3, 11, 130)]
@@ -116,6 +112,19 @@ def test_grad_input_csc_over_several_label_chunks():
     _assert_close(gh, want, 1e-5, "grad_h (csc, 4 chunks)", gen)
 
 
+def test_fused_backward_over_several_batch_blocks():
+    """grad_W from the by-input pass, added atomically when the batch spans two blocks."""
+    gen = _generator()
+    indices, weight, _, h, grad_out = _problem(SHAPES[3], torch.float32, torch.float32, gen)
+    n_inputs = h.shape[1]
+    gh = _nan((h.shape[0], n_inputs), torch.float32)
+    gw = _nan(tuple(weight.shape), torch.float32)
+    ff._grad_input_csc(grad_out, indices, weight, n_inputs, gh, blocks=ff.Blocks(8, 1, 128, 1),
+                       h_t=ff.transpose_padded(h), grad_w=gw)
+    _assert_close(gh, reference.grad_input(grad_out.double(), indices, weight.double(), n_inputs), 1e-5, "grad_h", gen)
+    _assert_close(gw, reference.grad_weight(grad_out.double(), h.double(), indices), 1e-5, "grad_W", gen)
+
+
 def _poisoned(factory):
     def make(*args, **kwargs):
         t = factory(*args, **kwargs)
@@ -147,6 +156,27 @@ def test_autograd_matches_reference(strategy, shape, dtypes, monkeypatch):
     for name, got, want in zip(("grad_h", "grad_W", "grad_bias"), leaves, oracle):
         assert got.grad.dtype == got.dtype, f"{name} dtype {got.grad.dtype} != {got.dtype}"
         _assert_close(got.grad, want.grad, tol, f"{name} ({strategy})", gen)
+
+
+@pytest.mark.parametrize("dtypes", [DTYPES[0], DTYPES[2]], ids=[DTYPE_IDS[0], DTYPE_IDS[2]])
+def test_small_l2_paths(dtypes, monkeypatch):
+    """An L2 this small cuts the labels of the by-input grad_input into chunks and, with float32 h,
+    makes the forward run batch block after batch block and grad_weight split the batch in two."""
+    gen = _generator()
+    indices, weight, bias, h, grad_out = _problem(SHAPES[3], *dtypes, gen)
+    monkeypatch.setattr(ff, "DEFAULT_L2_BYTES", 3 * 11 * 4 * 128)
+    ff.clear_transposed_index_cache()
+    leaves = [t.clone().requires_grad_(True) for t in (h, weight, bias)]
+    z = ff.fixed_fanin(leaves[0], indices, leaves[1], leaves[2], grad_input_strategy="csc")
+    z.backward(grad_out.to(z.dtype))
+    assert ff.transposed_index(indices, h.shape[1], ff.csc_chunk_labels(indices, h.shape[0], z.dtype)).n_chunks > 1
+    oracle = [t.double().requires_grad_(True) for t in (h, weight, bias)]
+    z_ref = reference.fixed_fanin(oracle[0], indices, oracle[1], oracle[2])
+    z_ref.backward(grad_out.to(z.dtype).double())
+    tol = _tolerance(*dtypes)
+    _assert_close(z, z_ref.detach(), tol, "z", gen)
+    for name, got, want in zip(("grad_h", "grad_W", "grad_bias"), leaves, oracle):
+        _assert_close(got.grad, want.grad, tol, name, gen)
 
 
 def test_autocast_runs_in_bf16_and_keeps_weight_dtype():

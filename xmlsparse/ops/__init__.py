@@ -19,6 +19,12 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+if triton_available():
+    # Imported before the dispatcher below is defined: importing a submodule binds its name on the
+    # package, and the package attribute ``fixed_fanin`` must stay the function, not the module.
+    import xmlsparse.ops.fixed_fanin  # noqa: F401
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     """Map ``auto`` to the implementation used on ``device``; validate explicit choices."""
     if impl not in IMPLS:
