@@ -49,7 +49,7 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _build_optimizer(model: XMCModel, config: Config) -> torch.optim.Optimizer:
+def build_optimizer(model: XMCModel, config: Config) -> torch.optim.Optimizer:
     opt = config.train.optimizer
     lrs = {
         "encoder": opt.lr_encoder if opt.lr_encoder is not None else opt.lr,
@@ -75,7 +75,7 @@ class Trainer:
         self.data = prepare_data(config)
         train = self.data.train
         self.model = model_for(config, train, device)
-        self.optimizer = _build_optimizer(self.model, config)
+        self.optimizer = build_optimizer(self.model, config)
         batch_size = config.train.batch_size
         steps_per_epoch = math.ceil(len(self.data.train_rows) / batch_size)
         if config.train.max_steps_per_epoch:
