@@ -158,15 +158,16 @@ def main() -> None:
             results.append(result)
             print(json.dumps(result), flush=True)
             torch.cuda.empty_cache()
+    short = ("enc fwd", "head fwd", "loss", "head bwd", "enc bwd", "optim")
     header = f"{'config':<15}{'B':>5}{'step ms':>9}{'samples/s':>11}{'epoch s*':>10}{'peak GiB':>10}" + "".join(
-        f"{p.split()[0][:7] + ' ' + p.split()[-1]:>14}" for p in PARTS
+        f"{name:>10}" for name in short
     ) + f"{'rewire':>8}"
     print(header)
     for r in results:
         print(
             f"{r['config']:<15}{r['batch_size']:>5}{r['step_ms']:>9.2f}{r['samples_per_second']:>11.0f}"
             f"{r['epoch_seconds_extrapolated']:>10.1f}{r['peak_memory_bytes'] / 2**30:>10.2f}"
-            + "".join(f"{r['parts_ms'][p]:>14.3f}" for p in PARTS)
+            + "".join(f"{r['parts_ms'][p]:>10.3f}" for p in PARTS)
             + f"{r['rewire_amortised_ms']:>8.3f}"
         )
     print(f"* epoch extrapolated to {n_real:,} training points from {args.steps} timed steps")
