@@ -1,6 +1,12 @@
+import os
 from pathlib import Path
 
-import pytest
+# The suite tests the Triton kernels through Triton's interpreter, on CPU tensors (GPU checks are
+# scripts/check_ops_gpu.py). Triton decorates its own library functions when it is first imported,
+# so the interpreter has to be chosen before anything imports triton, i.e. here.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
