@@ -46,7 +46,7 @@ def _timed_step(model, batch, loss, optimizer, events):
         h_in = h.detach().requires_grad_()
         logits = model.head(h_in)
     events[2].record()
-    value = loss(logits.float(), batch.y_indices, batch.y_ptr)
+    value = loss(logits, batch.y_indices, batch.y_ptr)
     (grad_logits,) = torch.autograd.grad(value, logits)
     events[3].record()
     optimizer.zero_grad(set_to_none=True)
@@ -62,7 +62,7 @@ def _timed_step(model, batch, loss, optimizer, events):
 def _plain_step(model, batch, loss, optimizer):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits = model(batch)
-    value = loss(logits.float(), batch.y_indices, batch.y_ptr)
+    value = loss(logits, batch.y_indices, batch.y_ptr)
     optimizer.zero_grad(set_to_none=True)
     value.backward()
     optimizer.step()

@@ -9,6 +9,10 @@ The losses are autograd functions that keep only the logits for the backward pas
 chunks of rows, so the temporaries stay small however many labels there are. Logits of any float
 dtype (bf16 under autocast) are evaluated in float32 (float64 stays float64); the loss comes back
 in that precision and the gradient in the logits' dtype.
+
+``loss_fn`` sends CUDA logits to the Triton kernels of ``xmlsparse.ops.sparse_target_loss`` instead:
+one read of the logits gives the loss and its gradient, and only that gradient is kept for backward.
+These torch functions stay the CPU path and the kernels' test oracle.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from xmlsparse.errors import XMLSparseError
+from xmlsparse.ops import resolve_impl
 
 # Elements of the largest float32 temporary a chunk of rows may create.
 CHUNK_ELEMENTS = 1 << 22
@@ -102,16 +107,20 @@ def _accumulation_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def sparse_target_loss(
-    logits: torch.Tensor, y_indices: torch.Tensor, y_ptr: torch.Tensor, loss: BinaryLoss
-) -> torch.Tensor:
-    """Mean of ``loss`` over all pairs of ``logits [B, L]``, the positives given as CSR label rows
-    (``y_indices`` flat label ids, distinct within a row; ``y_ptr [B + 1]``)."""
+def _check_shapes(logits: torch.Tensor, y_ptr: torch.Tensor) -> None:
     if logits.dim() != 2 or y_ptr.numel() != logits.shape[0] + 1:
         raise ValueError(
             f"logits must be [B, L] with B + 1 label row pointers, got logits {tuple(logits.shape)} "
             f"and {y_ptr.numel()} row pointers"
         )
+
+
+def sparse_target_loss(
+    logits: torch.Tensor, y_indices: torch.Tensor, y_ptr: torch.Tensor, loss: BinaryLoss
+) -> torch.Tensor:
+    """Mean of ``loss`` over all pairs of ``logits [B, L]``, the positives given as CSR label rows
+    (``y_indices`` flat label ids, distinct within a row; ``y_ptr [B + 1]``)."""
+    _check_shapes(logits, y_ptr)
     rows, labels = label_positions(y_indices, y_ptr)
     return _SparseTargetLoss.apply(logits, rows, labels, loss)
 
@@ -129,8 +138,33 @@ def bce_loss(logits: torch.Tensor, y_indices: torch.Tensor, y_ptr: torch.Tensor)
 LOSSES: dict[str, LossFn] = {"squared-hinge": squared_hinge_loss, "bce": bce_loss}
 
 
-def loss_fn(name: str) -> LossFn:
-    """The loss called ``name`` (``train.loss``): ``(logits, y_indices, y_ptr) -> scalar``."""
+def _uses_triton(logits: torch.Tensor, impl: str) -> bool:
+    """Whether ``impl`` picks the Triton kernels for these logits; ``auto`` does for CUDA logits of
+    a dtype they read (float64 stays on the torch path)."""
+    if resolve_impl(impl, logits.device) != "triton":
+        return False
+    from xmlsparse.ops.sparse_target_loss import LOGIT_DTYPES
+
+    return impl == "triton" or logits.dtype in LOGIT_DTYPES
+
+
+def loss_fn(name: str, impl: str = "auto") -> LossFn:
+    """The loss called ``name`` (``train.loss``): ``(logits, y_indices, y_ptr) -> scalar``. With
+    ``impl="auto"`` CUDA logits go through the Triton kernels (``xmlsparse.ops.sparse_target_loss``,
+    which keep the gradient instead of the logits), others through the torch functions above;
+    ``"triton"`` or ``"reference"`` forces one."""
     if name not in LOSSES:
         raise XMLSparseError(f"train.loss: unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
-    return LOSSES[name]
+    resolve_impl(impl, torch.device("cpu"))  # rejects an unknown impl now, not at the first step
+    torch_loss = LOSSES[name]
+
+    def loss(logits: torch.Tensor, y_indices: torch.Tensor, y_ptr: torch.Tensor) -> torch.Tensor:
+        if not _uses_triton(logits, impl):
+            return torch_loss(logits, y_indices, y_ptr)
+        from xmlsparse.ops import sparse_target_loss as triton_losses
+
+        _check_shapes(logits, y_ptr)
+        rows, labels = label_positions(y_indices, y_ptr)
+        return triton_losses.sparse_target_loss(logits, rows, labels, name)
+
+    return loss

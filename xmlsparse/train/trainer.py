@@ -178,7 +178,7 @@ class Trainer:
                 break
             with autocast_for(self.device, self.precision):
                 logits = self.model(batch)
-            loss = self.loss(logits.float(), batch.y_indices, batch.y_ptr)
+            loss = self.loss(logits, batch.y_indices, batch.y_ptr)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
