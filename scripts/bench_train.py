@@ -63,6 +63,7 @@ def _plain_step(model, batch, loss, optimizer):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits = model(batch)
     value = loss(logits, batch.y_indices, batch.y_ptr)
+    del logits
     optimizer.zero_grad(set_to_none=True)
     value.backward()
     optimizer.step()

@@ -58,7 +58,12 @@ def build_optimizer(model: XMCModel, config: Config) -> torch.optim.Optimizer:
     }
     groups = model.param_groups(lrs)
     cls = torch.optim.AdamW if opt.type == "adamw" else torch.optim.Adam
-    # foreach keeps the step to a few fused launches on CUDA; on CPU it is the same arithmetic.
+    on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+    # On CUDA the fused kernel updates each tensor in one pass, without the parameter-sized
+    # temporaries of the foreach path (measured in docs/benchmarks.md); on CPU foreach is the same
+    # arithmetic as the plain loop.
+    if on_cuda:
+        return cls(groups, lr=opt.lr, weight_decay=opt.weight_decay, fused=True)
     return cls(groups, lr=opt.lr, weight_decay=opt.weight_decay, foreach=True)
 
 
@@ -179,6 +184,7 @@ class Trainer:
             with autocast_for(self.device, self.precision):
                 logits = self.model(batch)
             loss = self.loss(logits, batch.y_indices, batch.y_ptr)
+            del logits  # the loss keeps what its backward needs; B x L logits need not outlive it
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
