@@ -110,8 +110,7 @@ def evaluate_predictions_file(
     to those of Jain et al. (2016).
     """
     from xmlsparse.data.predictions import read_predictions
-    from xmlsparse.metrics import inverse_propensity, label_frequencies, topk_from_sparse_scores
-    from xmlsparse.train.setup import DEFAULT_PROPENSITY
+    from xmlsparse.metrics import DEFAULT_PROPENSITY, inverse_propensity, label_frequencies, topk_from_sparse_scores
 
     truth_labels = _labels_of(truth)
     n_points, n_labels = truth_labels.shape

@@ -32,6 +32,10 @@ ArrayLike = np.ndarray | torch.Tensor
 PADDING = -1  # label id of an empty top-k slot
 
 
+# Propensity parameters A, B of Jain et al. (2016) for data sets that do not state their own.
+DEFAULT_PROPENSITY = (0.55, 1.5)
+
+
 def label_frequencies(Y: sp.csr_matrix) -> np.ndarray:
     """Number of points that carry each label (nonzero entries per column), int64 [L]."""
     Y = sp.csr_matrix(Y)

@@ -23,6 +23,7 @@ from xmlsparse.data.formats import (
     with_npy_features,
 )
 from xmlsparse.errors import XMLSparseError
+from xmlsparse.metrics import DEFAULT_PROPENSITY
 
 PECOS_URL = "https://archive.org/download/pecos-dataset/xmc-base/{name}.tar.gz"
 DRIVE_URL = "https://drive.google.com/uc?export=download&id={id}"
@@ -39,8 +40,6 @@ META_FILE = "meta.json"
 DENSE_FEATURE_FILES = ("X.trn.npy", "X.tst.npy")
 
 # Propensity parameters when a directory's meta.json does not give them (Jain et al., 2016).
-DEFAULT_PROPENSITY_A = 0.55
-DEFAULT_PROPENSITY_B = 1.5
 
 
 @dataclass(frozen=True)
@@ -407,8 +406,8 @@ def _info_from_meta(directory: Path, train: XMCData, test: XMCData) -> DatasetIn
     path = directory / META_FILE
     name = str(meta.get("name", directory.name))
     known = REGISTRY.get(name)
-    default_a = known.propensity_a if known else DEFAULT_PROPENSITY_A
-    default_b = known.propensity_b if known else DEFAULT_PROPENSITY_B
+    default_a = known.propensity_a if known else DEFAULT_PROPENSITY[0]
+    default_b = known.propensity_b if known else DEFAULT_PROPENSITY[1]
     return DatasetInfo(
         name=name,
         n_features=int(train.n_features),

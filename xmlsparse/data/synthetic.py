@@ -35,10 +35,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from xmlsparse.errors import XMLSparseError
+from xmlsparse.metrics import DEFAULT_PROPENSITY
 
 BLOCK_POINTS = 8192
 DEFAULT_DIM = 768
-DEFAULT_PROPENSITY = (0.55, 1.5)
 
 # Label model. Topics hold labels of consecutive popularity ranks, so that
 # drawing a topic by its total popularity and then labels within it keeps each

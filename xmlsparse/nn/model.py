@@ -144,6 +144,12 @@ def _activation_name(value: Any, key: str) -> str:
     return value
 
 
+def _dropout_rate(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise XMLSparseError(f"{key} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 def _build_encoder(cfg: dict[str, Any], n_features: int, feature_kind: str) -> nn.Module:
     kind = cfg["type"] or feature_kind
     if kind not in FEATURE_KINDS:
@@ -158,17 +164,13 @@ def _build_encoder(cfg: dict[str, Any], n_features: int, feature_kind: str) -> n
         raise XMLSparseError(f"model.encoder.hidden must be a list of layer sizes, got {hidden!r}")
     for size in hidden:
         _positive_int(size, "model.encoder.hidden entries")
-    dropout = cfg["dropout"]
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise XMLSparseError(f"model.encoder.dropout must be a number in [0, 1), got {dropout!r}")
+    dropout = _dropout_rate(cfg["dropout"], "model.encoder.dropout")
     activation = _activation_name(cfg["activation"], "model.encoder.activation")
     if kind == "bow":
         dim = _positive_int(cfg["dim"], "model.encoder.dim")
-        input_dropout = cfg["input_dropout"]
-        if isinstance(input_dropout, bool) or not isinstance(input_dropout, (int, float)) or not 0 <= input_dropout < 1:
-            raise XMLSparseError(f"model.encoder.input_dropout must be a number in [0, 1), got {input_dropout!r}")
-        return BowEncoder(n_features, dim, hidden, float(dropout), activation, float(input_dropout))
-    return DenseEncoder(n_features, hidden, float(dropout), activation)
+        input_dropout = _dropout_rate(cfg["input_dropout"], "model.encoder.input_dropout")
+        return BowEncoder(n_features, dim, hidden, dropout, activation, input_dropout)
+    return DenseEncoder(n_features, hidden, dropout, activation)
 
 
 def _build_head(cfg: dict[str, Any], in_features: int, n_labels: int, impl: str) -> nn.Module:

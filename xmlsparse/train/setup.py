@@ -16,12 +16,8 @@ from xmlsparse.data.batches import split_validation
 from xmlsparse.data.datasets import load_dataset
 from xmlsparse.data.formats import XMCData
 from xmlsparse.errors import XMLSparseError
-from xmlsparse.metrics import inverse_propensity, label_frequencies
+from xmlsparse.metrics import DEFAULT_PROPENSITY, inverse_propensity, label_frequencies
 from xmlsparse.nn.model import XMCModel, build_model
-
-# Propensity parameters of Jain et al. (2016) for data sets that do not state their own.
-DEFAULT_PROPENSITY = (0.55, 1.5)
-
 
 @dataclass
 class PreparedData:
