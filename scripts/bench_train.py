@@ -31,7 +31,7 @@ from xmlsparse.nn.rewire import Rewirer
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.train.losses import loss_fn
 from xmlsparse.train.setup import model_for, prepare_data
-from xmlsparse.train.trainer import build_optimizer
+from xmlsparse.train.trainer import build_optimizer, optimizer_state_bytes
 
 PARTS = ("encoder+intermediate fwd", "head fwd", "loss", "head bwd", "encoder+intermediate bwd", "optimizer")
 
@@ -116,9 +116,6 @@ def bench(config_path: Path, data_dir: Path, batch_size: int, steps: int, warmup
 
     steps_per_epoch = -(-n_real // batch_size)
     memory = model.memory_report()
-    optimizer_bytes = sum(
-        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
-    )
     return {
         "config": config_path.stem,
         "batch_size": batch_size,
@@ -131,7 +128,7 @@ def bench(config_path: Path, data_dir: Path, batch_size: int, steps: int, warmup
         "peak_memory_bytes": torch.cuda.max_memory_allocated(),
         "head_bytes": memory["head_params"] + memory["head_indices"],
         "intermediate_bytes": memory["intermediate"],
-        "optimizer_state_bytes": optimizer_bytes,
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "timed_steps": steps,
     }
 

@@ -62,6 +62,10 @@ def test_run_directory_holds_config_metrics_checkpoints_and_final(tmp_path, tiny
     # 34 steps an epoch, rewiring every 10 steps until 66 % of 102 steps: rounds at 10..60.
     assert sum(line["rewired_fraction"] for line in lines) == pytest.approx(0.6, abs=0.05)
     assert json.loads((run / "final.json").read_text())["test"] == final["test"]
+    memory = final["memory"]
+    # Adam keeps two fp32 moments per weight: twice the parameters' bytes.
+    n_params = memory["encoder"] + memory["intermediate"] + memory["head_params"]
+    assert memory["optimizer_state"] >= 2 * n_params
     # The model learns: far above the 1/L chance level after three epochs.
     assert final["test"]["P@1"] > 0.2
     with pytest.raises(Exception, match="already holds a run"):

@@ -67,6 +67,13 @@ def build_optimizer(model: XMCModel, config: Config) -> torch.optim.Optimizer:
     return cls(groups, lr=opt.lr, weight_decay=opt.weight_decay, foreach=True)
 
 
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's per-parameter state (Adam: two moments the size of the weights)."""
+    return sum(
+        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+    )
+
+
 class Trainer:
     """Owns the model, optimizer, schedule and rewiring of one run directory."""
 
@@ -301,7 +308,7 @@ class Trainer:
             "steps": self.step,
             "best_validation": {config.train.early_stopping.metric: self.best_score},
             "test": test,
-            "memory": self.model.memory_report(),
+            "memory": {**self.model.memory_report(), "optimizer_state": optimizer_state_bytes(self.optimizer)},
             "peak_memory_bytes": _peak_memory_bytes(self.device),
             "device": str(self.device),
         }
