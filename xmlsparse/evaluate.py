@@ -198,6 +198,7 @@ def predict_file(run_dir: Path, input_path: Path, top_k: int, out: Path | None =
         raise XMLSparseError(
             f"{input_path}: {inputs.n_features} features, but the model of {run_dir} reads {data.train.n_features}"
         )
+    inputs = data.preprocess(inputs)  # the training split's idf and normalisation
     precision = config.train.precision if device.type == "cuda" else "fp32"
     ids, scores = predict_topk(model, inputs, top_k, config.train.eval_batch_size, device, precision)
     target = out if out is not None else run_dir / "predictions.txt"

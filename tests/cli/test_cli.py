@@ -106,3 +106,26 @@ def test_bad_arguments_give_one_clear_error(args, message, tmp_path, monkeypatch
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_predict_applies_the_training_preprocessing(tmp_path):
+    """A BoW run with idf weighting: predicting the test file gives the same top-k as evaluating
+    the run's test split, so new inputs go through the transform fitted on train."""
+    data = tmp_path / "data"
+    assert invoke("synth", "--n-train", "400", "--n-test", "120", "--n-labels", "60", "--labels-per-point", "3",
+                  "--features", "bow", "--n-features", "300", "--out", str(data)).exit_code == 0
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"dataset": str(data), "features": "bow", "tfidf": True, "normalize": True},
+        "model": {"encoder": {"dim": 32}, "intermediate": {"size": 48}, "head": {"fan_in": 6}, "rewire": None},
+        "train": {"epochs": 1, "batch_size": 32, "device": "cpu"},
+    }))
+    run = tmp_path / "run"
+    assert invoke("train", str(config), "--out", str(run)).exit_code == 0
+    assert invoke("eval", str(run), "--k", "1,3", "--save-predictions").exit_code == 0
+    out = tmp_path / "pred.txt"
+    result = invoke("predict", str(run), str(data / "X.tst.npz"), "--top-k", "3", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    expected = [[token.split(":")[0] for token in line.split()] for line in (run / "predictions-test.txt").read_text().splitlines()[1:]]
+    predicted = [[token.split(":")[0] for token in line.split()] for line in out.read_text().splitlines()[1:]]
+    assert predicted == expected

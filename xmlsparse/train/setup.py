@@ -3,6 +3,7 @@ the device, the data with its validation split and propensities, and the model o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class PreparedData:
     test: XMCData
     inv_propensity: np.ndarray
     name: str
+    preprocess: Callable[[XMCData], XMCData]  # fitted on train; applied to train, test and new inputs
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,24 +42,31 @@ def resolve_device(name: str) -> torch.device:
 def prepare_data(config: Config) -> PreparedData:
     """Load the data set, carve the seeded validation split out of train, and count propensities."""
     train, test, info = load_dataset(config.data.dataset, Path(config.data.root), config.data.features)
-    if config.data.features == "bow":
-        if config.data.tfidf:
-            train, test = idf_weighted(train, test)
-        if config.data.normalize:
-            train, test = normalized_rows(train), normalized_rows(test)
+    preprocess = fit_preprocessing(config, train)
+    train, test = preprocess(train), preprocess(test)
     a, b = (info.propensity_a, info.propensity_b) if info is not None else DEFAULT_PROPENSITY
     inv_prop = inverse_propensity(label_frequencies(train.Y), train.n_points, a, b)
     train_rows, val_rows = split_validation(train.n_points, config.data.validation, config.train.seed)
     name = info.name if info is not None else str(config.data.dataset)
-    return PreparedData(train, train_rows, val_rows, test, inv_prop, name)
+    return PreparedData(train, train_rows, val_rows, test, inv_prop, name, preprocess)
 
 
-def idf_weighted(train: XMCData, test: XMCData) -> tuple[XMCData, XMCData]:
-    """Both splits' feature values times the smoothed idf of the training split."""
-    idf = sklearn.feature_extraction.text.TfidfTransformer(norm=None, smooth_idf=True).fit(train.X)
-    return replace(train, X=idf.transform(train.X).astype(np.float32)), replace(
-        test, X=idf.transform(test.X).astype(np.float32)
-    )
+def fit_preprocessing(config: Config, train: XMCData) -> Callable[[XMCData], XMCData]:
+    """The feature transform of ``config.data`` fitted on ``train``: for BoW, optionally the training
+    split's smoothed idf, then optionally unit L2 rows; dense rows pass unchanged. Every input the
+    model sees (train, test, ``xmlsparse predict`` files) goes through the same transform."""
+    if config.data.features != "bow":
+        return lambda data: data
+    idf = None
+    if config.data.tfidf:
+        idf = sklearn.feature_extraction.text.TfidfTransformer(norm=None, smooth_idf=True).fit(train.X)
+
+    def preprocess(data: XMCData) -> XMCData:
+        if idf is not None:
+            data = replace(data, X=idf.transform(data.X).astype(np.float32))
+        return normalized_rows(data) if config.data.normalize else data
+
+    return preprocess
 
 
 def normalized_rows(data: XMCData) -> XMCData:
