@@ -90,6 +90,12 @@ class OptimizerConfig:
     lr_encoder: Union[float, None] = None
     lr_intermediate: Union[float, None] = None
     lr_head: Union[float, None] = None
+    # Adam's two moments: float32 (torch's Adam) or bfloat16 (CompactAdam, stochastic rounding:
+    # half the optimizer memory).
+    moments: str = "float32"
+    # bfloat16 moments only: the fixed fan-in head takes its Adam step inside its backward and never
+    # stores its weight gradient.
+    head_update_in_backward: bool = False
 
 
 @dataclass
@@ -144,6 +150,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.rewire.new_weights": ("zero", "random"),
     "train.loss": ("squared-hinge", "bce"),
     "train.optimizer.type": ("adam", "adamw"),
+    "train.optimizer.moments": ("float32", "bfloat16"),
     "train.schedule.type": ("plateau", "cosine", "constant"),
     "train.precision": ("bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -214,6 +221,12 @@ def config_from_dict(values: dict, source: str = "config") -> Config:
         raise XMLSparseError(f"{source}: expected a mapping of sections (data, model, train, eval)")
     config = _build(Config, values, "", source)
     _check_metric_names(config, source)
+    optimizer = config.train.optimizer
+    if optimizer.head_update_in_backward and optimizer.moments != "bfloat16":
+        raise XMLSparseError(
+            f"{source}: train.optimizer.head_update_in_backward needs train.optimizer.moments = bfloat16, "
+            f"got {optimizer.moments!r}"
+        )
     return config
 
 

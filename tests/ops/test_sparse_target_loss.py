@@ -49,28 +49,32 @@ def test_loss_and_gradient_match_the_torch_loss(name, dtype, batch, n_labels):
     y_indices, y_ptr = random_labels(batch, n_labels, generator, max_labels=min(6, n_labels))
     logits = random_logits(batch, n_labels, dtype, generator)
     rows, labels = label_positions(y_indices, y_ptr)
-    grad = torch.full((batch, n_labels), float("nan"), dtype=dtype)  # every element must be written
-
-    value, returned = loss_and_grad(logits, rows, labels, name, grad_out=grad)
-
     expected, expected_grad = torch_loss_and_grad(name, logits, y_indices, y_ptr)
-    assert returned is grad and value.dtype == torch.float32 and value.shape == ()
-    assert not grad.isnan().any()
+
+    value, grad = loss_and_grad(logits, rows, labels, name)
+    assert value.dtype == torch.float32 and value.shape == () and grad.is_contiguous()
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, expected_grad, **GRAD_TOLERANCE[dtype])
+
+    # In place, over the [L, B] storage the head writes for training: the positives are read
+    # before the negatives pass overwrites them, and every element becomes its gradient.
+    transposed = logits.t().contiguous().t()
+    value, grad = loss_and_grad(transposed, rows, labels, name, in_place=True)
+    assert grad is transposed
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad, expected_grad, **GRAD_TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_several_programs_per_row_and_per_label_list(name, monkeypatch):
-    monkeypatch.setattr(sparse_target_loss, "BLOCK_LABELS", 32)  # 11 programs per row of 333
+def test_several_programs_and_label_lists(name, monkeypatch):
+    monkeypatch.setattr(sparse_target_loss, "BLOCK_LOGITS", 32)  # 73 programs, the last one partial
     monkeypatch.setattr(sparse_target_loss, "BLOCK_POSITIVES", 4)
     generator = torch.Generator().manual_seed(3)
     y_indices, y_ptr = random_labels(7, 333, generator, max_labels=20)
     logits = random_logits(7, 333, torch.float32, generator)
     rows, labels = label_positions(y_indices, y_ptr)
-    grad = torch.full((7, 333), float("nan"))
-    value, _ = loss_and_grad(logits, rows, labels, name, grad_out=grad)
     expected, expected_grad = torch_loss_and_grad(name, logits, y_indices, y_ptr)
+    value, grad = loss_and_grad(logits.clone(), rows, labels, name, in_place=True)
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad, expected_grad, **GRAD_TOLERANCE[torch.float32])
 
@@ -79,9 +83,9 @@ def test_several_programs_per_row_and_per_label_list(name, monkeypatch):
 def test_rows_with_a_stride_and_no_labels_at_all(name):
     generator = torch.Generator().manual_seed(7)
     wide = random_logits(4, 300, torch.float32, generator)
-    logits = wide[:, 17:250]  # row stride 300, last dim contiguous
+    logits = wide[:, 17:250]  # row stride 300, last dim contiguous: copied first
     empty = torch.zeros(0, dtype=torch.long)
-    value, grad = loss_and_grad(logits, empty, empty, name)
+    value, grad = loss_and_grad(logits, empty, empty, name, in_place=True)
     expected, expected_grad = torch_loss_and_grad(name, logits, empty, torch.zeros(5, dtype=torch.long))
     assert grad.is_contiguous()
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
@@ -105,6 +109,32 @@ def test_loss_fn_triton_backward_keeps_only_the_gradient(name, dtype):
     assert logits.grad.dtype == dtype
     torch.testing.assert_close(value.detach(), expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(logits.grad, expected_grad, **SCALED_GRAD_TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_consumed_logits_become_their_gradient(name):
+    generator = torch.Generator().manual_seed(13)
+    y_indices, y_ptr = random_labels(6, 50, generator)
+    leaf = random_logits(6, 50, torch.bfloat16, generator).requires_grad_()
+    logits = leaf.t().contiguous().t()  # the head's training layout, a non-leaf
+    value = loss_fn(name, impl="triton", consume_logits=True)(logits, y_indices, y_ptr)
+    (saved,) = value.grad_fn.saved_tensors
+    assert saved.data_ptr() == logits.data_ptr()
+    value.backward()
+    expected, expected_grad = torch_loss_and_grad(name, leaf.detach(), y_indices, y_ptr)
+    torch.testing.assert_close(value.detach(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(leaf.grad, expected_grad, **GRAD_TOLERANCE[torch.bfloat16])
+
+
+def test_consuming_logits_that_autograd_saved_fails_loudly():
+    generator = torch.Generator().manual_seed(17)
+    y_indices, y_ptr = random_labels(3, 20, generator)
+    leaf = random_logits(3, 20, torch.float32, generator).requires_grad_()
+    logits = leaf * 1.0
+    squared = logits * logits  # saves the logits for its backward
+    value = loss_fn("bce", impl="triton", consume_logits=True)(logits, y_indices, y_ptr)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (value + squared.sum()).backward()
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -132,7 +162,5 @@ def test_bad_arguments_are_rejected():
         loss_and_grad(torch.zeros(2, 3, dtype=torch.float64), empty, empty, "bce")
     with pytest.raises(ValueError, match="'hinge'"):
         loss_and_grad(torch.zeros(2, 3), empty, empty, "hinge")
-    with pytest.raises(ValueError, match="grad_out"):
-        loss_and_grad(torch.zeros(2, 3), empty, empty, "bce", grad_out=torch.empty(3, 2))
     with pytest.raises(ValueError, match="impl"):
         loss_fn("bce", impl="cuda")

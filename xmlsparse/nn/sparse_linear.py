@@ -14,6 +14,7 @@ from torch import nn
 
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.ops import IMPLS, fixed_fanin
+from xmlsparse.ops.adam import WeightUpdate
 
 # Elements of the largest temporary block one chunk of rows may create while sampling.
 SAMPLING_CHUNK_ELEMENTS = 1 << 22
@@ -156,7 +157,15 @@ class FixedFanInLinear(nn.Module):
         )
         self.weight = nn.Parameter(torch.empty(out_features, fan_in, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.weight_update: WeightUpdate | None = None
         self.reset_parameters(generator)
+
+    def update_weight_in_backward(self, update: WeightUpdate | None) -> None:
+        """Let the backward of training steps apply ``update`` (the optimizer's handle on
+        ``self.weight``, e.g. ``CompactAdam``'s) instead of storing the weight's gradient: on CUDA
+        the gradient of each slot goes straight into its Adam step, saving an ``[L, K]`` gradient
+        and a pass over it. None restores plain gradients."""
+        self.weight_update = update
 
     def init_bound(self) -> float:
         """Half-width of the uniform initialisation of weights and bias: ``1/sqrt(fan_in)``."""
@@ -180,7 +189,8 @@ class FixedFanInLinear(nn.Module):
         if h.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(h.shape)}")
         flat = h.reshape(-1, self.in_features)
-        z = fixed_fanin(flat, self.indices, self.weight, self.bias, impl=self.impl)
+        update = self.weight_update if self.training and torch.is_grad_enabled() else None
+        z = fixed_fanin(flat, self.indices, self.weight, self.bias, impl=self.impl, weight_update=update)
         return z.reshape(*h.shape[:-1], self.out_features)
 
     def memory_bytes(self) -> int:

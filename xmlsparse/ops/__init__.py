@@ -11,6 +11,8 @@ import importlib.util
 
 import torch
 
+from xmlsparse.ops.adam import WeightUpdate
+
 IMPLS = ("auto", "triton", "reference")
 
 
@@ -41,14 +43,17 @@ def fixed_fanin(
     bias: torch.Tensor | None = None,
     *,
     impl: str = "auto",
+    weight_update: WeightUpdate | None = None,
 ) -> torch.Tensor:
     """Differentiable fixed fan-in layer: ``h [B, D]``, ``indices`` int32 ``[L, K]``,
-    ``weight [L, K]``, ``bias [L]`` or None -> ``z [B, L]``."""
+    ``weight [L, K]``, ``bias [L]`` or None -> ``z [B, L]``. With ``weight_update`` (an optimizer's
+    handle on ``weight``, ``xmlsparse.ops.adam.WeightUpdate``) the backward applies the weight's
+    optimizer step itself and leaves ``weight.grad`` unset."""
     chosen = resolve_impl(impl, h.device)
     if chosen == "triton":
         from xmlsparse.ops.fixed_fanin import fixed_fanin as triton_fixed_fanin
 
-        return triton_fixed_fanin(h, indices, weight, bias)
+        return triton_fixed_fanin(h, indices, weight, bias, weight_update=weight_update)
     from xmlsparse.ops.reference import fixed_fanin as reference_fixed_fanin
 
-    return reference_fixed_fanin(h, indices, weight, bias)
+    return reference_fixed_fanin(h, indices, weight, bias, weight_update=weight_update)

@@ -44,6 +44,9 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from xmlsparse.ops.adam import AdamStep, WeightUpdate, apply_adam_
+from xmlsparse.ops.adam_kernels import adam_math, store_adam_state
+
 GRAD_INPUT_STRATEGIES = ("csc", "atomic")
 # Backward (grad_h + grad_W + grad_bias) on one H100, L=670,091, D=65,536, bf16 (docs/benchmarks.md):
 # csc 1.50 / 3.08 / 7.95 ms against atomic 1.92 / 10.78 / 40.2 ms at (K=64, B=32) / (K=64, B=128) /
@@ -74,7 +77,7 @@ _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit
 def _forward_kernel(
-    ht_ptr, ldh, idx_ptr, w_ptr, bias_ptr, z_ptr, B, B_LOAD, L, K,
+    ht_ptr, ldh, idx_ptr, w_ptr, bias_ptr, z_ptr, stride_zb, stride_zl, B, B_LOAD, L, K,
     HAS_BIAS: tl.constexpr, BATCH_MAJOR: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
@@ -105,7 +108,7 @@ def _forward_kernel(
         acc += tl.sum(x.to(tl.float32) * w[:, :, None], axis=1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_l, mask=mask_l, other=0.0).to(tl.float32)[:, None]
-    dst = z_ptr + offs_b.to(tl.int64)[None, :] * L + offs_l[:, None]
+    dst = z_ptr + offs_b.to(tl.int64)[None, :] * stride_zb + offs_l.to(tl.int64)[:, None] * stride_zl
     tl.store(dst, acc.to(z_ptr.dtype.element_ty), mask=mask_l[:, None] & (offs_b < B)[None, :])
 
 
@@ -202,16 +205,20 @@ def _transpose_kernel(g_ptr, stride_gb, stride_gl, gt_ptr, ldg, B, L, BLOCK_L: t
 @triton.jit
 def _backward_csc_kernel(
     gt_ptr, ldg, slots_ptr, offsets_ptr, w_ptr, out_ptr, stride_od, stride_ob, ht_ptr, ldh, gw_ptr,
+    m_ptr, v_ptr, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, seed,
     B, B_LOAD, n_inputs,
     K: tl.constexpr, ACCUMULATE: tl.constexpr, WITH_GRAD_WEIGHT: tl.constexpr, GW_ATOMIC: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
+    UPDATE: tl.constexpr, DECOUPLED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     # One (label chunk, input d) segment per program (and one batch block): sum W[l, k] * g^T[l, :]
     # over the segment's slots in registers, then write it once (one chunk) or add it atomically
     # into the fp32 accumulator (several chunks; programs run roughly chunk after chunk, so the
     # grad_out^T rows and weights of one chunk are read while they sit in L2). With
     # WITH_GRAD_WEIGHT the same grad_out^T rows give grad_W[l, k] = <g^T[l, :], h^T[d, :]> per slot
-    # (added atomically when the batch spans several blocks).
+    # (added atomically when the batch spans several blocks). With UPDATE (one batch block) that
+    # gradient goes straight into an Adam step of the slot (xmlsparse.ops.adam): every slot sits in
+    # exactly one segment, and its weight was read for grad_h just before, so the update races
+    # with nothing and grad_W is never stored.
     pid = tl.program_id(0)
     n_b = tl.cdiv(B, BLOCK_B)
     segment = (pid // n_b).to(tl.int64)
@@ -233,7 +240,12 @@ def _backward_csc_kernel(
         acc += x * w[:, None]
         if WITH_GRAD_WEIGHT:
             gw = tl.sum(x * h_row[None, :], axis=1)
-            if GW_ATOMIC:
+            if UPDATE:
+                m = tl.load(m_ptr + slot, mask=mask_e, other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + slot, mask=mask_e, other=0.0).to(tl.float32)
+                w, m, v = adam_math(w, gw, m, v, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, DECOUPLED)
+                store_adam_state(w_ptr, m_ptr, v_ptr, slot, mask_e, w, m, v, seed)
+            elif GW_ATOMIC:
                 tl.atomic_add(gw_ptr + slot, gw, mask=mask_e, sem="relaxed")
             else:
                 tl.store(gw_ptr + slot, gw.to(gw_ptr.dtype.element_ty), mask=mask_e)
@@ -385,7 +397,8 @@ def _forward_t(h_t: torch.Tensor, batch: int, indices: torch.Tensor, weight: tor
     blk = blocks or forward_blocks(ldh, fan_in)
     grid = (triton.cdiv(n_labels, blk.block_l) * triton.cdiv(batch, blk.block_b),)
     _forward_kernel[grid](
-        h_t, ldh, indices, weight, bias if bias is not None else weight, out, batch, ldh, n_labels, fan_in,
+        h_t, ldh, indices, weight, bias if bias is not None else weight, out, out.stride(0), out.stride(1),
+        batch, ldh, n_labels, fan_in,
         HAS_BIAS=bias is not None, BATCH_MAJOR=blk.batch_major if blk.batch_major is not None else
         h_t.numel() * h_t.element_size() > _l2_bytes(h_t.device) * HOT_L2_SHARE,
         BLOCK_L=blk.block_l, BLOCK_K=blk.block_k, BLOCK_B=blk.block_b,
@@ -481,9 +494,21 @@ class TransposedIndex:
     offsets: torch.Tensor
 
 
+# Slots sorted at once by build_transposed_index (whole label chunks at a time, so a single chunk
+# larger than this is still one piece; a piece also holds at most this many (chunk, input)
+# counts). A piece's temporaries take about 16 bytes a slot (the int32 keys, torch.sort's sorted
+# keys and int64 order) plus the sort's workspace, then 8 bytes a count for its bincount: about
+# 0.3 GB at this size, against several times the [L, K] index table for one sort over all slots
+# (Amazon-3M: 270 M slots, the int64 order alone 2.2 GB).
+TRANSPOSED_BUILD_SLOTS = 1 << 24
+
+
 def build_transposed_index(indices: torch.Tensor, n_inputs: int, chunk_labels: int) -> TransposedIndex:
-    """Sort the slots by (label chunk, input) on the indices' device: one stable sort, a bincount
-    and a cumulative sum. Raises ValueError when an index lies outside ``[0, n_inputs)``."""
+    """Sort the slots by (label chunk, input) on the indices' device: a stable sort, a bincount and
+    a cumulative sum per piece of whole label chunks (``TRANSPOSED_BUILD_SLOTS`` slots and
+    ``TRANSPOSED_BUILD_SLOTS`` counts at most, unless one chunk alone is larger), written into the
+    preallocated ``slots`` and ``offsets``. Raises ValueError when an index lies outside
+    ``[0, n_inputs)``."""
     _check_indices(indices)
     n_labels, fan_in = indices.shape
     chunk_labels = max(1, min(chunk_labels, n_labels))
@@ -494,18 +519,36 @@ def build_transposed_index(indices: torch.Tensor, n_inputs: int, chunk_labels: i
         low, high = torch.aminmax(flat)
         if int(low) < 0 or int(high) >= n_inputs:
             raise ValueError(f"indices must lie in [0, {n_inputs}), found values in [{int(low)}, {int(high)}]")
-    key_dtype = torch.int32 if n_chunks * n_inputs < 2**31 else torch.int64
-    if n_chunks == 1:
-        key = flat.to(key_dtype)
-    else:
-        chunk_of_slot = torch.arange(n_slots, device=flat.device, dtype=torch.int64) // (chunk_labels * fan_in)
-        key = (chunk_of_slot * n_inputs + flat).to(key_dtype)
-    _, order = torch.sort(key, stable=True)
-    counts = torch.bincount(key, minlength=n_chunks * n_inputs)
     pos_dtype = torch.int32 if n_slots < 2**31 else torch.int64
+    slots = torch.empty(n_slots, dtype=pos_dtype, device=flat.device)
     offsets = torch.zeros(n_chunks * n_inputs + 1, dtype=pos_dtype, device=flat.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return TransposedIndex(chunk_labels, n_chunks, n_inputs, order.to(pos_dtype), offsets)
+    # Chunked to bound memory: chunk c's slots are the contiguous range [c*chunk_labels*K, ...) and
+    # its segments the range [c*D, (c+1)*D) of offsets, so sorting whole chunks piece by piece
+    # (local key = local chunk * D + input) and shifting by the piece's first slot gives exactly
+    # the stable sort over all slots, without its L*K-sized keys, int64 order and workspace.
+    # A chunk is never split: sorting parts of one chunk apart would not group its segments.
+    chunk_slots = chunk_labels * fan_in
+    per_piece = max(1, min(TRANSPOSED_BUILD_SLOTS // max(chunk_slots, 1), TRANSPOSED_BUILD_SLOTS // max(n_inputs, 1)))
+    for c0 in range(0, n_chunks, per_piece):
+        c1 = min(c0 + per_piece, n_chunks)
+        start, end = c0 * chunk_slots, min(c1 * chunk_slots, n_slots)
+        key_dtype = torch.int32 if (c1 - c0) * n_inputs < 2**31 else torch.int64
+        key = flat[start:end].to(key_dtype, copy=True)
+        if c1 - c0 > 1 and end > start:
+            # Only the layer's last chunk may be partial: the piece's full chunks, then the rest.
+            n_full = (end - start) // chunk_slots
+            shift = torch.arange(n_full, device=flat.device, dtype=key_dtype).mul_(n_inputs)
+            key[: n_full * chunk_slots].view(n_full, chunk_slots).add_(shift[:, None])
+            key[n_full * chunk_slots :].add_(n_full * n_inputs)
+        order = torch.sort(key, stable=True).indices
+        slots[start:end].copy_(order.add_(start))
+        del order
+        counts = torch.bincount(key, minlength=(c1 - c0) * n_inputs)
+        del key
+        segments = offsets[c0 * n_inputs + 1 : c1 * n_inputs + 1]
+        torch.cumsum(counts, 0, out=segments)
+        segments.add_(start)
+    return TransposedIndex(chunk_labels, n_chunks, n_inputs, slots, offsets)
 
 
 # Keyed by (device, data pointer, shape, n_inputs); an entry holds a weak reference to the indices
@@ -569,40 +612,66 @@ def transpose_grad(grad_out: torch.Tensor) -> torch.Tensor:
     return g_t
 
 
+def _is_transposed_layout(grad_out: torch.Tensor) -> bool:
+    """True for ``[B, L]`` gradients stored as ``[L, B]`` rows (what the training forward writes)."""
+    return grad_out.shape[1] > 1 and grad_out.stride(0) == 1 and grad_out.stride(1) == grad_out.shape[0]
+
+
+def fits_fused_update(batch: int) -> bool:
+    """Whether the by-input pass can update the weights itself: one batch block per segment."""
+    return batch <= csc_blocks(padded_width(batch)).block_b
+
+
 def _grad_input_csc(grad_out: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, n_inputs: int,
                     out: torch.Tensor, index: TransposedIndex | None = None, blocks: Blocks | None = None,
-                    h_t: torch.Tensor | None = None, grad_w: torch.Tensor | None = None) -> torch.Tensor:
-    """By-input grad_input; with ``h_t`` and ``grad_w`` also grad_W from the same reads."""
+                    h_t: torch.Tensor | None = None, grad_w: torch.Tensor | None = None,
+                    update: tuple[AdamStep, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """By-input grad_input; with ``h_t`` and ``grad_w`` also grad_W from the same reads; with
+    ``h_t`` and ``update`` (an Adam step and its two moments) an Adam step of ``weight`` instead."""
     batch, n_labels = grad_out.shape
     fan_in = indices.shape[1]
-    with_gw = grad_w is not None
+    with_gw = grad_w is not None or update is not None
     if batch == 0 or n_labels == 0 or fan_in == 0:
         out.zero_()
         if grad_w is not None:
             grad_w.zero_()
+        if update is not None:
+            step, exp_avg, exp_avg_sq = update
+            apply_adam_(weight, torch.zeros_like(weight), exp_avg, exp_avg_sq, step)
         return out
     if index is None:
         index = transposed_index(indices, n_inputs, csc_chunk_labels(indices, batch, grad_out.dtype, with_gw))
-    g_t = transpose_grad(grad_out)  # [L, ldg]: one slot reads a label's B gradients contiguously
-    ldg = g_t.shape[1]
+    if _is_transposed_layout(grad_out):
+        # Rows of the gradient's [L, B] storage are already what one slot reads: no transposed copy.
+        g_t, ldg, load_cols = grad_out.t(), batch, batch
+    else:
+        g_t = transpose_grad(grad_out)  # [L, ldg]: one slot reads a label's B gradients contiguously
+        ldg = load_cols = g_t.shape[1]
     blk = blocks or csc_blocks(ldg)
     several = index.n_chunks > 1
     target = torch.zeros(n_inputs, batch, dtype=torch.float32, device=out.device) if several else out
     strides = (batch, 1) if several else (1, n_inputs)
     gw_atomic = with_gw and batch > blk.block_b
+    if update is not None and gw_atomic:
+        raise ValueError(f"the fused weight update needs the batch ({batch}) in one block of {blk.block_b}")
     gw_target = grad_w
     if gw_atomic:
         gw_target = torch.zeros(grad_w.shape, dtype=torch.float32, device=grad_w.device)
+    step, exp_avg, exp_avg_sq = update if update is not None else (None, weight, weight)
+    adam = (step.lr, step.beta1, step.beta2, step.eps, step.weight_decay, step.step_size,
+            step.bias_correction2_sqrt, step.seed) if step is not None else (0.0,) * 7 + (0,)
     grid = (index.n_chunks * n_inputs * triton.cdiv(batch, blk.block_b),)
     _backward_csc_kernel[grid](
         g_t, ldg, index.slots, index.offsets, weight, target, *strides,
-        h_t if with_gw else g_t, h_t.shape[1] if with_gw else ldg, gw_target if with_gw else target,
-        batch, ldg, n_inputs, K=fan_in, ACCUMULATE=several, WITH_GRAD_WEIGHT=with_gw, GW_ATOMIC=gw_atomic,
+        h_t if with_gw else g_t, h_t.shape[1] if with_gw else ldg,
+        gw_target if grad_w is not None else target, exp_avg, exp_avg_sq, *adam,
+        batch, load_cols, n_inputs, K=fan_in, ACCUMULATE=several, WITH_GRAD_WEIGHT=with_gw, GW_ATOMIC=gw_atomic,
+        UPDATE=update is not None, DECOUPLED=step is not None and step.decoupled,
         BLOCK_E=blk.block_l, BLOCK_B=blk.block_b, num_warps=blk.num_warps,
     )
     if several:
         out.copy_(target.t())
-    if gw_target is not grad_w:
+    if grad_w is not None and gw_target is not grad_w:
         grad_w.copy_(gw_target)
     return out
 
@@ -663,17 +732,26 @@ def grad_input(grad_out: torch.Tensor, indices: torch.Tensor, weight: torch.Tens
 
 
 class FixedFanInTriton(torch.autograd.Function):
-    """``z = fixed_fanin(h, I, W, bias)`` with the Triton kernels; saves ``h^T`` for the backward."""
+    """``z = fixed_fanin(h, I, W, bias)`` with the Triton kernels; saves ``h^T`` for the backward.
+
+    When a gradient is wanted the logits are written as ``[L, B]`` storage (returned as its
+    ``[B, L]`` transposed view): the loss can write their gradient over them and the by-input
+    backward reads that gradient's rows without a transposed copy."""
 
     @staticmethod
-    def forward(ctx, h, indices, weight, bias, out_dtype, strategy):  # noqa: D102 (autograd protocol)
+    def forward(ctx, h, indices, weight, bias, out_dtype, strategy, weight_update):  # noqa: D102 (autograd protocol)
         h_t = transpose_padded(h)
-        z = torch.empty(h.shape[0], indices.shape[0], dtype=out_dtype, device=h.device)
-        _forward_t(h_t, h.shape[0], indices, weight, bias, z)
+        batch, n_labels = h.shape[0], indices.shape[0]
+        if any(ctx.needs_input_grad[:4]):
+            z = torch.empty(n_labels, batch, dtype=out_dtype, device=h.device).t()
+        else:
+            z = torch.empty(batch, n_labels, dtype=out_dtype, device=h.device)
+        _forward_t(h_t, batch, indices, weight, bias, z)
         ctx.save_for_backward(h_t, indices, weight)
-        ctx.batch, ctx.n_inputs, ctx.h_dtype = h.shape[0], h.shape[1], h.dtype
+        ctx.batch, ctx.n_inputs, ctx.h_dtype = batch, h.shape[1], h.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.strategy = strategy
+        ctx.weight_update = weight_update
         return z
 
     @staticmethod
@@ -681,44 +759,58 @@ class FixedFanInTriton(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: D102 (autograd protocol)
         h_t, indices, weight = ctx.saved_tensors
         need_h, _, need_w, need_b = ctx.needs_input_grad[:4]
+        update = ctx.weight_update if need_w else None
         grads = backward(grad_out, h_t, indices, weight, ctx.n_inputs, h_dtype=ctx.h_dtype,
                          bias_dtype=ctx.bias_dtype if need_b else None, need_h=need_h, need_weight=need_w,
-                         strategy=ctx.strategy)
-        return grads[0], None, grads[1], grads[2], None, None
+                         strategy=ctx.strategy, weight_update=update)
+        return grads[0], None, grads[1], grads[2], None, None, None
 
 
 def backward(grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, n_inputs: int,
              *, h_dtype: torch.dtype, bias_dtype: torch.dtype | None, need_h: bool = True, need_weight: bool = True,
-             strategy: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+             strategy: str | None = None, weight_update: WeightUpdate | None = None,
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(grad_h, grad_W, grad_bias)`` from ``grad_out [B, L]`` and the forward's ``h^T``
-    (``transpose_padded(h)``); ``bias_dtype=None`` skips the bias gradient."""
+    (``transpose_padded(h)``); ``bias_dtype=None`` skips the bias gradient. With ``weight_update``
+    the weight takes its Adam step here and grad_W comes back None: inside the by-input pass when
+    the batch fits one block (grad_W is never stored), else from a grad_W buffer freed at once."""
     batch, n_labels = grad_out.shape
     device = grad_out.device
     grad_h = torch.empty(batch, n_inputs, dtype=h_dtype, device=device) if need_h else None
-    grad_w = torch.empty_like(weight) if need_weight else None
     grad_b = torch.empty(n_labels, dtype=bias_dtype, device=device) if bias_dtype is not None else None
-    if need_h and (strategy or DEFAULT_GRAD_INPUT_STRATEGY) == "atomic":
+    csc = (strategy or DEFAULT_GRAD_INPUT_STRATEGY) == "csc"
+    if weight_update is not None and need_weight and need_h and csc and fits_fused_update(batch):
+        _grad_input_csc(grad_out, indices, weight, n_inputs, grad_h, h_t=h_t, update=weight_update.begin())
+        if grad_b is not None:
+            grad_b.copy_(grad_out.sum(0, dtype=torch.float32))
+        return grad_h, None, grad_b
+    grad_w = torch.empty_like(weight) if need_weight else None
+    if need_h and not csc:
         # One pass over the labels gives grad_h, grad_W and the bias gradient.
         _grad_input_atomic(grad_out, indices, weight, n_inputs, grad_h, h_t, grad_w, grad_b)
-        return grad_h, grad_w, grad_b
-    if need_h and need_weight and batch >= FUSED_MIN_BATCH:
+    elif need_h and need_weight and batch >= FUSED_MIN_BATCH:
         # One pass over the by-input index gives grad_h and grad_W.
         _grad_input_csc(grad_out, indices, weight, n_inputs, grad_h, h_t=h_t, grad_w=grad_w)
         if grad_b is not None:
             grad_b.copy_(grad_out.sum(0, dtype=torch.float32))
-        return grad_h, grad_w, grad_b
-    if need_h:
-        _grad_input_csc(grad_out, indices, weight, n_inputs, grad_h)
-    if need_weight:
-        _grad_weight_t(grad_out, h_t, indices, grad_w, grad_b)
-    elif grad_b is not None:
-        grad_b.copy_(grad_out.sum(0, dtype=torch.float32))
+    else:
+        if need_h:
+            _grad_input_csc(grad_out, indices, weight, n_inputs, grad_h)
+        if need_weight:
+            _grad_weight_t(grad_out, h_t, indices, grad_w, grad_b)
+        elif grad_b is not None:
+            grad_b.copy_(grad_out.sum(0, dtype=torch.float32))
+    if weight_update is not None and grad_w is not None:
+        step, exp_avg, exp_avg_sq = weight_update.begin()
+        apply_adam_(weight, grad_w, exp_avg, exp_avg_sq, step)
+        grad_w = None
     return grad_h, grad_w, grad_b
 
 
 def fixed_fanin(h: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                *, grad_input_strategy: str | None = None) -> torch.Tensor:
-    """Differentiable fixed fan-in layer ``h [B, D] -> z [B, L]`` (dtype rule in the module docstring)."""
+                *, grad_input_strategy: str | None = None, weight_update: WeightUpdate | None = None) -> torch.Tensor:
+    """Differentiable fixed fan-in layer ``h [B, D] -> z [B, L]`` (dtype rule in the module
+    docstring); with ``weight_update`` the backward updates ``weight`` itself (see ``backward``)."""
     _check_float("h", h)
     _check_indices(indices, weight)
     if bias is not None and bias.shape != (indices.shape[0],):
@@ -727,10 +819,12 @@ def fixed_fanin(h: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, bi
     strategy = grad_input_strategy or DEFAULT_GRAD_INPUT_STRATEGY
     if strategy not in GRAD_INPUT_STRATEGIES:
         raise ValueError(f"grad_input_strategy must be one of {', '.join(GRAD_INPUT_STRATEGIES)}, got {strategy!r}")
+    if weight_update is not None and not weight.is_contiguous():
+        raise ValueError("a weight updated in the backward must be contiguous (it is written in place)")
     if torch.is_autocast_enabled(h.device.type):
         h = h.to(torch.get_autocast_dtype(h.device.type))
         out_dtype = h.dtype
     else:
         out_dtype = torch.promote_types(h.dtype, weight.dtype)
     return FixedFanInTriton.apply(h, indices.contiguous(), weight.contiguous(),
-                                  None if bias is None else bias.contiguous(), out_dtype, strategy)
+                                  None if bias is None else bias.contiguous(), out_dtype, strategy, weight_update)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from xmlsparse.ops.adam import WeightUpdate, apply_adam_
+
 # Elements of the largest temporary block one chunk of labels may create. Read on every call,
 # so it can be changed at run time.
 CHUNK_ELEMENTS = 1 << 24
@@ -118,30 +120,43 @@ def grad_weight(grad_out: torch.Tensor, h: torch.Tensor, indices: torch.Tensor) 
 
 
 class FixedFanInFunction(torch.autograd.Function):
-    """Autograd wrapper: forward and the explicit chunked backward above."""
+    """Autograd wrapper: forward and the explicit chunked backward above; with a weight update,
+    the backward applies the weight's optimizer step (after grad_h, which reads the old weight)."""
 
     @staticmethod
-    def forward(ctx, h, indices, weight, bias):  # noqa: D102 (autograd protocol)
+    def forward(ctx, h, indices, weight, bias, weight_update):  # noqa: D102 (autograd protocol)
         ctx.save_for_backward(h, indices, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.weight_update = weight_update
         return forward(h, indices, weight, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # noqa: D102 (autograd protocol)
         h, indices, weight = ctx.saved_tensors
-        need_h, _, need_weight, need_bias = ctx.needs_input_grad
+        need_h, _, need_weight, need_bias = ctx.needs_input_grad[:4]
         grad_h = grad_input(grad_out, indices, weight, h.shape[1]).to(h.dtype) if need_h else None
         grad_w = grad_weight(grad_out, h, indices).to(weight.dtype) if need_weight else None
         grad_b = None
         if need_bias:
             grad_b = grad_out.sum(0, dtype=accumulation_dtype(grad_out.dtype)).to(ctx.bias_dtype)
-        return grad_h, None, grad_w, grad_b
+        if ctx.weight_update is not None and grad_w is not None:
+            step, exp_avg, exp_avg_sq = ctx.weight_update.begin()
+            apply_adam_(weight, grad_w, exp_avg, exp_avg_sq, step)
+            grad_w = None
+        return grad_h, None, grad_w, grad_b, None
 
 
 def fixed_fanin(
-    h: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    h: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    weight_update: WeightUpdate | None = None,
 ) -> torch.Tensor:
-    """Differentiable fixed fan-in layer ``h [B, D] -> z [B, L]`` (see the module docstring)."""
+    """Differentiable fixed fan-in layer ``h [B, D] -> z [B, L]`` (see the module docstring);
+    with ``weight_update`` the backward takes the weight's optimizer step instead of returning its
+    gradient."""
     _check_inputs(h, indices, weight, bias)
-    return FixedFanInFunction.apply(h, indices, weight, bias)
+    return FixedFanInFunction.apply(h, indices, weight, bias, weight_update)

@@ -148,11 +148,12 @@ def _uses_triton(logits: torch.Tensor, impl: str) -> bool:
     return impl == "triton" or logits.dtype in LOGIT_DTYPES
 
 
-def loss_fn(name: str, impl: str = "auto") -> LossFn:
+def loss_fn(name: str, impl: str = "auto", consume_logits: bool = False) -> LossFn:
     """The loss called ``name`` (``train.loss``): ``(logits, y_indices, y_ptr) -> scalar``. With
     ``impl="auto"`` CUDA logits go through the Triton kernels (``xmlsparse.ops.sparse_target_loss``,
     which keep the gradient instead of the logits), others through the torch functions above;
-    ``"triton"`` or ``"reference"`` forces one."""
+    ``"triton"`` or ``"reference"`` forces one. ``consume_logits`` lets the Triton kernels write
+    the gradient over the logits (the training step, which drops them after the loss)."""
     if name not in LOSSES:
         raise XMLSparseError(f"train.loss: unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
     resolve_impl(impl, torch.device("cpu"))  # rejects an unknown impl now, not at the first step
@@ -165,6 +166,6 @@ def loss_fn(name: str, impl: str = "auto") -> LossFn:
 
         _check_shapes(logits, y_ptr)
         rows, labels = label_positions(y_indices, y_ptr)
-        return triton_losses.sparse_target_loss(logits, rows, labels, name)
+        return triton_losses.sparse_target_loss(logits, rows, labels, name, consume_logits=consume_logits)
 
     return loss

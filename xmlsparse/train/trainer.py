@@ -29,7 +29,9 @@ from xmlsparse.errors import XMLSparseError
 from xmlsparse.evaluate import autocast_for, evaluate
 from xmlsparse.nn.model import XMCModel
 from xmlsparse.nn.rewire import Rewirer
+from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.train.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from xmlsparse.train.compact_adam import BackwardUpdate, CompactAdam
 from xmlsparse.train.losses import loss_fn
 from xmlsparse.train.schedules import Schedule
 from xmlsparse.train.setup import model_for, prepare_data, resolve_device
@@ -50,6 +52,8 @@ def _peak_memory_bytes(device: torch.device) -> int:
 
 
 def build_optimizer(model: XMCModel, config: Config) -> torch.optim.Optimizer:
+    """Adam or AdamW over the model's parts with their learning rates: torch's (fp32 moments) or
+    ``CompactAdam`` (bf16 moments), which the fixed fan-in head may also run inside its backward."""
     opt = config.train.optimizer
     lrs = {
         "encoder": opt.lr_encoder if opt.lr_encoder is not None else opt.lr,
@@ -57,6 +61,12 @@ def build_optimizer(model: XMCModel, config: Config) -> torch.optim.Optimizer:
         "head": opt.lr_head if opt.lr_head is not None else opt.lr,
     }
     groups = model.param_groups(lrs)
+    if opt.moments == "bfloat16":
+        optimizer = CompactAdam(groups, lr=opt.lr, weight_decay=opt.weight_decay, decoupled=opt.type == "adamw",
+                                seed=config.train.seed)
+        if opt.head_update_in_backward and isinstance(model.head, FixedFanInLinear):
+            model.head.update_weight_in_backward(BackwardUpdate(optimizer, model.head.weight))
+        return optimizer
     cls = torch.optim.AdamW if opt.type == "adamw" else torch.optim.Adam
     on_cuda = all(p.is_cuda for group in groups for p in group["params"])
     # On CUDA the fused kernel updates each tensor in one pass, without the parameter-sized
@@ -96,7 +106,8 @@ class Trainer:
         self.total_steps = steps_per_epoch * config.train.epochs
         self.schedule = Schedule(self.optimizer, config.train.schedule, self.total_steps)
         self.rewirer = self._build_rewirer()
-        self.loss = loss_fn(config.train.loss)
+        # The step drops the logits after the loss, so the loss may write their gradient over them.
+        self.loss = loss_fn(config.train.loss, consume_logits=True)
         self.epoch = 0
         self.batch_in_epoch = 0
         self.step = 0

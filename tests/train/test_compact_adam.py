@@ -1,0 +1,152 @@
+"""CompactAdam (bf16 moments) against torch's Adam, its checkpoints, and the fixed fan-in head
+that takes its Adam step inside its own backward (Triton kernels interpreted on CPU)."""
+
+import copy
+import sys
+
+import pytest
+import torch
+
+from xmlsparse.nn.sparse_linear import FixedFanInLinear
+from xmlsparse.train.compact_adam import BackwardUpdate, CompactAdam
+
+ff = sys.modules["xmlsparse.ops.fixed_fanin"]  # the module; the package attribute is the dispatcher
+
+
+def quadratic_problem(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.randn(40, 7, generator=gen)
+    start = torch.randn(40, 7, generator=gen)
+    return target, start
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_tracks_torch_adam(decoupled):
+    target, start = quadratic_problem()
+    ours = start.clone().requires_grad_()
+    theirs = start.clone().requires_grad_()
+    opt = CompactAdam([ours], lr=1e-2, weight_decay=0.01, decoupled=decoupled)
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    ref = cls([theirs], lr=1e-2, weight_decay=0.01)
+    for _ in range(50):
+        for p, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            ((p - target) ** 2).sum().backward()
+            o.step()
+    assert opt.state[ours]["exp_avg"].dtype == torch.bfloat16
+    assert opt.state[ours]["step"] == 50
+    # bf16 moments (8 significant bits) move each step's update by well under 1 %.
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=0, atol=5e-3)
+
+
+def test_resume_from_state_dict_repeats_the_run():
+    target, start = quadratic_problem(1)
+
+    def run(steps, param, opt):
+        for _ in range(steps):
+            opt.zero_grad()
+            ((param - target) ** 2).sum().backward()
+            opt.step()
+
+    straight = start.clone().requires_grad_()
+    opt = CompactAdam([straight], lr=1e-2, seed=3)
+    run(20, straight, opt)
+
+    resumed = start.clone().requires_grad_()
+    first = CompactAdam([resumed], lr=1e-2, seed=3)
+    run(10, resumed, first)
+    saved = copy.deepcopy(first.state_dict())
+    second = CompactAdam([resumed], lr=1e-2, seed=3)
+    second.load_state_dict(saved)
+    assert second.state[resumed]["exp_avg"].dtype == torch.bfloat16  # not cast to the weight's fp32
+    run(10, resumed, second)
+    assert torch.equal(straight, resumed)
+
+
+def test_skips_parameters_without_gradient_and_rejects_strangers():
+    a = torch.zeros(3, requires_grad=True)
+    b = torch.zeros(3, requires_grad=True)
+    opt = CompactAdam([a])
+    opt.step()
+    assert not opt.state[a]
+    with pytest.raises(ValueError, match="not managed"):
+        BackwardUpdate(opt, b)
+    with pytest.raises(ValueError, match="invalid Adam settings"):
+        CompactAdam([a], betas=(0.9, 1.0))
+
+
+def head_problem(batch: int, impl: str, n_labels=37, n_inputs=29, fan_in=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    layer = FixedFanInLinear(n_inputs, n_labels, fan_in, impl=impl, generator=gen)
+    h = torch.randn(batch, n_inputs, generator=gen)
+    grad_out = torch.randn(batch, n_labels, generator=gen)
+    return layer, h, grad_out
+
+
+@pytest.mark.parametrize(
+    ("impl", "batch", "strategy"),
+    [
+        ("triton", 5, "csc"),  # the by-input pass updates the weights itself
+        ("triton", 600, "csc"),  # more than one batch block: grad_W buffer, then the Adam kernel
+        ("triton", 5, "atomic"),
+        ("reference", 5, "csc"),
+    ],
+)
+def test_head_update_in_backward_equals_a_plain_step(impl, batch, strategy, monkeypatch):
+    monkeypatch.setattr(ff, "DEFAULT_GRAD_INPUT_STRATEGY", strategy)
+    fused, h, grad_out = head_problem(batch, impl)
+    plain = copy.deepcopy(fused)
+    fused_opt = CompactAdam(fused.parameters(), lr=0.05, weight_decay=0.01)
+    plain_opt = CompactAdam(plain.parameters(), lr=0.05, weight_decay=0.01)
+    fused.update_weight_in_backward(BackwardUpdate(fused_opt, fused.weight))
+    for step in range(3):
+        if step:
+            # Start both from the same state: the moments' rounding bits differ between the paths.
+            with torch.no_grad():
+                fused.weight.copy_(plain.weight)
+                for name in ("exp_avg", "exp_avg_sq"):
+                    fused_opt.state[fused.weight][name].copy_(plain_opt.state[plain.weight][name])
+        h_fused = h.clone().requires_grad_()
+        h_plain = h.clone().requires_grad_()
+        for layer, opt, x in ((fused, fused_opt, h_fused), (plain, plain_opt, h_plain)):
+            opt.zero_grad()
+            layer(x).backward(grad_out * (step + 1))
+        assert fused.weight.grad is None and plain.weight.grad is not None
+        # grad_h reads the weights before this step's update.
+        torch.testing.assert_close(h_fused.grad, h_plain.grad, rtol=1e-5, atol=1e-6)
+        fused_opt.step()
+        plain_opt.step()
+        torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused.bias, plain.bias, rtol=1e-4, atol=1e-6)
+        for name in ("exp_avg", "exp_avg_sq"):
+            got, want = fused_opt.state[fused.weight][name].float(), plain_opt.state[plain.weight][name].float()
+            # Same float32 value, rounded stochastically with other bits: at most one bf16 step apart.
+            torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-30)
+    assert fused_opt.state[fused.weight]["step"] == 3
+
+
+def test_several_label_chunks_update_every_slot_once(monkeypatch):
+    """An L2 this small cuts the labels into chunks for the by-input pass."""
+    monkeypatch.setattr(ff, "DEFAULT_L2_BYTES", 2048)
+    ff.clear_transposed_index_cache()
+    fused, h, grad_out = head_problem(4, "triton", n_labels=50)
+    plain = copy.deepcopy(fused)
+    fused_opt, plain_opt = CompactAdam(fused.parameters(), lr=0.1), CompactAdam(plain.parameters(), lr=0.1)
+    fused.update_weight_in_backward(BackwardUpdate(fused_opt, fused.weight))
+    for layer, opt in ((fused, fused_opt), (plain, plain_opt)):
+        layer(h.clone().requires_grad_()).backward(grad_out)
+        opt.step()
+    ff.clear_transposed_index_cache()
+    torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_and_no_grad_leave_the_weights_alone():
+    layer, h, _ = head_problem(3, "triton")
+    opt = CompactAdam(layer.parameters(), lr=0.1)
+    layer.update_weight_in_backward(BackwardUpdate(opt, layer.weight))
+    before = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer(h)
+    layer.eval()
+    layer(h).sum().backward()
+    assert torch.equal(layer.weight, before) and layer.weight.grad is not None

@@ -1,0 +1,116 @@
+"""Adam with bfloat16 moments, stored by stochastic rounding: the update's scalars and its torch form.
+
+The two moments take half the bytes of torch's fp32 Adam state. Rounding them to nearest would stall
+them: ``v = 0.999 v + 0.001 g^2`` moves ``v`` by less than half a bf16 step (2^-9 relative) whenever
+``g^2`` is near ``v``, so the update would round back to the old value every time. Stochastic rounding
+keeps every update in expectation: the fp32 result is rounded up with probability equal to its
+distance from the lower bf16 neighbour, by adding 16 random bits to the low half of its bit pattern
+and truncating. Weights keep their own dtype (fp32 master weights by default; bf16 weights are
+rounded the same way). The arithmetic, in float32, is torch's Adam/AdamW:
+
+    g += wd * w                      (Adam)       w *= 1 - lr * wd   (AdamW)
+    m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g^2
+    w -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+The Triton kernels live in ``xmlsparse.ops.adam_kernels`` (their ``adam_math`` and
+``store_adam_state`` are also called from the fused backward of the fixed fan-in head);
+``adam_step_reference_`` here is the same update in torch (the CPU path and the kernels' oracle),
+drawing its random bits from a torch generator instead of Philox. ``apply_adam_`` picks one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+MOMENT_DTYPE = torch.bfloat16
+# Elements per chunk of the torch update (its float32 temporaries).
+REFERENCE_CHUNK = 1 << 22
+
+
+@dataclass
+class AdamStep:
+    """One step's scalars for one parameter; ``seed`` picks the stochastic rounding bits."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled: bool
+    step: int
+    seed: int
+
+    @property
+    def step_size(self) -> float:
+        return self.lr / (1.0 - self.beta1**self.step)
+
+    @property
+    def bias_correction2_sqrt(self) -> float:
+        return math.sqrt(1.0 - self.beta2**self.step)
+
+
+def check_state(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    """Raise ValueError unless the four tensors fit one update (shapes, device, dtypes, layout)."""
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if t.shape != param.shape or t.device != param.device or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, shaped {tuple(param.shape)} on {param.device}, "
+                             f"got {tuple(t.shape)} on {t.device}")
+    if exp_avg.dtype != MOMENT_DTYPE or exp_avg_sq.dtype != MOMENT_DTYPE:
+        raise ValueError(f"the moments must be {MOMENT_DTYPE}, got {exp_avg.dtype} and {exp_avg_sq.dtype}")
+    if not param.is_contiguous() or param.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the parameter must be a contiguous float32 or bfloat16 tensor, got {param.dtype}")
+
+
+def round_to_bf16_reference(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stochastic rounding of float32 ``x`` to bfloat16 in torch (the kernels' rule)."""
+    bits = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+    # Two's-complement addition on the int32 view is the unsigned addition the kernel does.
+    raw = (x.contiguous().view(torch.int32) + bits) & -65536
+    return raw.view(torch.float32).to(torch.bfloat16)
+
+
+@torch.no_grad()
+def adam_step_reference_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                         step: AdamStep, generator: torch.Generator | None = None) -> None:
+    """The same update as ``adam_step_`` in torch, in place, over chunks of ``REFERENCE_CHUNK``
+    elements (the fp32 temporaries stay small); random bits from ``generator``."""
+    check_state(param, grad, exp_avg, exp_avg_sq)
+    flat = [t.view(-1) for t in (param, grad, exp_avg, exp_avg_sq)]
+    for start in range(0, param.numel(), REFERENCE_CHUNK):
+        p, g, m_out, v_out = (t[start : start + REFERENCE_CHUNK] for t in flat)
+        w, g = p.float(), g.float()
+        if step.decoupled:
+            w = w * (1.0 - step.lr * step.weight_decay)
+        else:
+            g = g + step.weight_decay * w
+        m = m_out.float().mul_(step.beta1).add_(g, alpha=1.0 - step.beta1)
+        v = v_out.float().mul_(step.beta2).addcmul_(g, g, value=1.0 - step.beta2)
+        w = w - step.step_size * m / (v.sqrt() / step.bias_correction2_sqrt + step.eps)
+        m_out.copy_(round_to_bf16_reference(m, generator))
+        v_out.copy_(round_to_bf16_reference(v, generator))
+        p.copy_(round_to_bf16_reference(w, generator) if p.dtype == torch.bfloat16 else w)
+
+
+def apply_adam_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                step: AdamStep) -> None:
+    """``adam_step_`` on CUDA, ``adam_step_reference_`` elsewhere (random bits seeded by ``step.seed``)."""
+    if param.is_cuda:
+        from xmlsparse.ops.adam_kernels import adam_step_
+
+        adam_step_(param, grad, exp_avg, exp_avg_sq, step)
+        return
+    generator = torch.Generator(device=param.device)
+    generator.manual_seed(step.seed)
+    adam_step_reference_(param, grad, exp_avg, exp_avg_sq, step, generator)
+
+
+class WeightUpdate(Protocol):
+    """What a layer that updates its weight inside its own backward asks of the optimizer."""
+
+    def begin(self) -> tuple[AdamStep, torch.Tensor, torch.Tensor]:
+        """Advance the weight's step count; return the step's scalars and the two moments."""
+        ...

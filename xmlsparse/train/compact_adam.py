@@ -1,0 +1,106 @@
+"""``CompactAdam``: Adam/AdamW whose two moments are bfloat16, kept unbiased by stochastic rounding.
+
+Half the optimizer memory of torch's Adam (4 bytes a weight instead of 8), one fused pass a tensor
+on CUDA (``xmlsparse.ops.adam``), and an opt-in for layers that update their weight inside their
+own backward (the fixed fan-in head: its weight gradient is then never stored, see
+``FixedFanInLinear.update_weight_in_backward``). Per parameter the state is ``step`` (a Python int,
+so that no step waits for the device), ``exp_avg`` and ``exp_avg_sq`` (bf16, shaped like the
+parameter; the rewirer zeroes the slots it regrows). The stochastic rounding bits of a step are a
+function of (seed, parameter position, step), so a resumed run repeats them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+
+from xmlsparse.ops.adam import MOMENT_DTYPE, AdamStep, apply_adam_
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class CompactAdam(torch.optim.Optimizer):
+    """Adam (``decoupled=False``: L2 penalty added to the gradient) or AdamW (``decoupled=True``)
+    with bf16 moments; parameters must be float32 or bfloat16 and contiguous."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid Adam settings: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "decoupled": decoupled}
+        super().__init__(params, defaults)
+        self.seed = seed
+
+    def _locate(self, param: torch.Tensor) -> tuple[int, dict[str, Any]]:
+        position = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p is param:
+                    return position, group
+                position += 1
+        raise ValueError("the parameter is not managed by this optimizer")
+
+    def begin_step(self, param: torch.Tensor) -> tuple[AdamStep, torch.Tensor, torch.Tensor]:
+        """Advance ``param``'s step; return the step's scalars and its moments (made on first use)."""
+        position, group = self._locate(param)
+        state = self.state[param]
+        if not state:
+            state["step"] = 0
+            for name in MOMENTS:
+                state[name] = torch.zeros_like(param, dtype=MOMENT_DTYPE, memory_format=torch.contiguous_format)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        # Philox keys and torch seeds: any distinct 31-bit value per (seed, position, step).
+        seed = (self.seed * 1_000_003 + position * 65_537 + state["step"]) % (2**31 - 1)
+        step = AdamStep(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["decoupled"],
+                        state["step"], seed)
+        return step, state["exp_avg"], state["exp_avg_sq"]
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 (torch.optim protocol)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue  # no gradient, or a weight its layer updated in its backward
+                step, exp_avg, exp_avg_sq = self.begin_step(param)
+                apply_adam_(param, param.grad.contiguous(), exp_avg, exp_avg_sq, step)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but the moments stay bf16 (torch casts floating state to the parameter's
+        dtype, which would double their memory)."""
+        saved = {pid: dict(s) for pid, s in state_dict["state"].items()}
+        moments = {pid: {name: s.pop(name) for name in MOMENTS if name in s} for pid, s in saved.items()}
+        super().load_state_dict({**state_dict, "state": saved})
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, param in zip(saved_ids, params):
+            for name, value in moments.get(pid, {}).items():
+                self.state[param][name] = value.to(device=param.device, dtype=MOMENT_DTYPE)
+
+
+class BackwardUpdate:
+    """Hands a layer's backward one ``CompactAdam`` step of ``param`` (``WeightUpdate``)."""
+
+    def __init__(self, optimizer: CompactAdam, param: torch.Tensor) -> None:
+        optimizer._locate(param)  # fails now, not in the middle of a backward
+        self.optimizer = optimizer
+        self.param = param
+
+    def begin(self) -> tuple[AdamStep, torch.Tensor, torch.Tensor]:
+        return self.optimizer.begin_step(self.param)
