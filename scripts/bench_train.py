@@ -11,6 +11,10 @@ between the parts:
 encoder+intermediate forward, head forward, loss (forward and its gradient), head backward,
 encoder+intermediate backward, optimizer step; one rewiring round is timed apart and amortised over
 its interval. A second pass without events gives the step time that steps/s is computed from.
+Where a config runs the head's Adam step inside its backward (``head_update_in_backward``), that
+step is part of "head bwd" and "optimizer" covers the other parts. One more step is measured for
+memory (``xmlsparse.train.memory``): the bytes of each part's state and each phase's peak above
+the step's start, printed as a second table.
 """
 
 from __future__ import annotations
@@ -30,9 +34,15 @@ from xmlsparse.data.synthetic import generate
 from xmlsparse.nn.rewire import Rewirer
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.train.losses import loss_fn
+from xmlsparse.train.memory import StepMemory, state_bytes
 from xmlsparse.train.setup import model_for, prepare_data
 from xmlsparse.train.trainer import build_optimizer, optimizer_state_bytes
 
+MEMORY_COLUMNS = (
+    "intermediate", "head_params", "head_indices", "head_by_input_index", "optimizer_intermediate", "optimizer_head",
+    "allocated_at_step_start", "logits_bytes", "forward_and_loss_peak_above_start", "backward_peak_above_start",
+    "optimizer_peak_above_start",
+)
 PARTS = ("encoder+intermediate fwd", "head fwd", "loss", "head bwd", "encoder+intermediate bwd", "optimizer")
 
 
@@ -59,14 +69,23 @@ def _timed_step(model, batch, loss, optimizer, events):
     events[6].record()
 
 
-def _plain_step(model, batch, loss, optimizer):
+def _plain_step(model, batch, loss, optimizer, probe: StepMemory | None = None):
+    if probe is not None:
+        probe.start()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits = model(batch)
     value = loss(logits, batch.y_indices, batch.y_ptr)
+    if probe is not None:
+        probe.note("logits", logits)
+        probe.mark("forward_and_loss")
     del logits
     optimizer.zero_grad(set_to_none=True)
     value.backward()
+    if probe is not None:
+        probe.mark("backward")
     optimizer.step()
+    if probe is not None:
+        probe.mark("optimizer")
 
 
 def bench(config_path: Path, data_dir: Path, batch_size: int, steps: int, warmup: int, n_real: int) -> dict:
@@ -77,7 +96,7 @@ def bench(config_path: Path, data_dir: Path, batch_size: int, steps: int, warmup
     torch.cuda.reset_peak_memory_stats()
     model = model_for(config, data.train, device)
     optimizer = build_optimizer(model, config)
-    loss = loss_fn(config.train.loss)
+    loss = loss_fn(config.train.loss, consume_logits=True)
     iterator = BatchIterator(data.train.X, data.train.Y, batch_size, shuffle=True, seed=0, points=data.train_rows)
     batches = []
     for batch in iterator:  # batches on the GPU ahead of time: this times the step, not the input pipeline
@@ -87,6 +106,8 @@ def bench(config_path: Path, data_dir: Path, batch_size: int, steps: int, warmup
     model.train()
     for i in range(warmup):
         _plain_step(model, batches[i % len(batches)], loss, optimizer)
+    probe = StepMemory(device)
+    _plain_step(model, batches[0], loss, optimizer, probe)
     torch.cuda.synchronize()
 
     parts = {name: [] for name in PARTS}
@@ -116,6 +137,7 @@ def bench(config_path: Path, data_dir: Path, batch_size: int, steps: int, warmup
 
     steps_per_epoch = -(-n_real // batch_size)
     memory = model.memory_report()
+    state = state_bytes(model, optimizer)
     return {
         "config": config_path.stem,
         "batch_size": batch_size,
@@ -125,7 +147,9 @@ def bench(config_path: Path, data_dir: Path, batch_size: int, steps: int, warmup
         "epoch_seconds_extrapolated": steps_per_epoch * (step_ms + rewire_ms) / 1000,
         "parts_ms": {name: statistics.median(values) for name, values in parts.items()},
         "rewire_amortised_ms": rewire_ms,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(),
+        "peak_memory_bytes": probe.run_peak(),
+        "state_bytes": state,
+        "step_memory": probe.report,
         "head_bytes": memory["head_params"] + memory["head_indices"],
         "intermediate_bytes": memory["intermediate"],
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
@@ -169,6 +193,11 @@ def main() -> None:
             + f"{r['rewire_amortised_ms']:>8.3f}"
         )
     print(f"* epoch extrapolated to {n_real:,} training points from {args.steps} timed steps")
+    print(f"\n{'config':<15}{'B':>5}  MiB: " + "  ".join(MEMORY_COLUMNS))
+    for r in results:
+        values = {**r["state_bytes"], **r["step_memory"]}
+        print(f"{r['config']:<15}{r['batch_size']:>5}       "
+              + "  ".join(f"{values.get(key, 0) / 2**20:>{len(key)}.0f}" for key in MEMORY_COLUMNS))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -72,6 +72,27 @@ def test_run_directory_holds_config_metrics_checkpoints_and_final(tmp_path, tiny
         start_run(load_config(tiny_config(tmp_path, tiny_data)), run)
 
 
+def test_bf16_moments_and_head_update_in_backward_train_and_resume(tmp_path, tiny_data):
+    optimizer = {"lr": 3.0e-3, "moments": "bfloat16", "head_update_in_backward": True}
+    whole_run = start_run(load_config(tiny_config(tmp_path, tiny_data, optimizer=optimizer)), tmp_path / "whole")
+    assert whole_run.model.head.weight_update is not None
+    whole = whole_run.fit()
+    memory = whole["memory"]
+    # Two bf16 moments per weight: the parameters' bytes, half of torch's Adam state.
+    n_params = memory["encoder"] + memory["intermediate"] + memory["head_params"]
+    assert memory["optimizer_state"] == n_params
+    assert memory["optimizer_head"] == memory["head_params"]
+    assert whole["test"]["P@1"] > 0.2
+
+    # One epoch, its checkpoint, then a new process's worth of objects resumes from it.
+    split = start_run(load_config(tiny_config(tmp_path, tiny_data, optimizer=optimizer)), tmp_path / "split")
+    assert split._train_epoch()
+    split._end_epoch()
+    del split
+    resumed = resume_run(tmp_path / "split").fit()
+    assert resumed["test"] == whole["test"]
+
+
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_data):
     config = tiny_config(tmp_path, tiny_data, epochs=6)
     whole = run_cli("train", str(config), "--out", str(tmp_path / "whole"))

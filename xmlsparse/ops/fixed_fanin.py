@@ -563,6 +563,15 @@ def clear_transposed_index_cache() -> None:
     _TRANSPOSED_CACHE.clear()
 
 
+def transposed_index_bytes() -> int:
+    """Bytes held by the cached by-input indices of indices tensors still alive."""
+    return sum(
+        index.slots.numel() * index.slots.element_size() + index.offsets.numel() * index.offsets.element_size()
+        for ref, _, index in _TRANSPOSED_CACHE.values()
+        if ref() is not None
+    )
+
+
 def _l2_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or DEFAULT_L2_BYTES

@@ -33,6 +33,7 @@ from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.train.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from xmlsparse.train.compact_adam import BackwardUpdate, CompactAdam
 from xmlsparse.train.losses import loss_fn
+from xmlsparse.train.memory import StepMemory, state_bytes
 from xmlsparse.train.schedules import Schedule
 from xmlsparse.train.setup import model_for, prepare_data, resolve_device
 
@@ -44,9 +45,9 @@ class TrainingDiverged(XMLSparseError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def _peak_memory_bytes(device: torch.device) -> int:
+def _peak_memory_bytes(device: torch.device, step_memory: StepMemory) -> int:
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+        return step_memory.run_peak()
     # ru_maxrss is in KiB on Linux.
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -115,6 +116,7 @@ class Trainer:
         self.epochs_without_improvement = 0
         self.epoch_stats = {"loss_sum": 0.0, "batches": 0, "rewired": 0.0, "seconds": 0.0, "samples": 0}
         self._stop_requested = False
+        self.step_memory = StepMemory(device)
 
     def _build_rewirer(self) -> Rewirer | None:
         rewire = self.config.model.rewire
@@ -199,13 +201,24 @@ class Trainer:
         for batch in batches:
             if self.batch_in_epoch >= n_batches:
                 break
+            # The run's second step (the first has made the optimizer state) is measured phase by phase.
+            probe = self.step_memory if self.step == 1 and self.device.type == "cuda" else None
+            if probe is not None:
+                probe.start()
             with autocast_for(self.device, self.precision):
                 logits = self.model(batch)
             loss = self.loss(logits, batch.y_indices, batch.y_ptr)
+            if probe is not None:
+                probe.note("logits", logits)
+                probe.mark("forward_and_loss")
             del logits  # the loss keeps what its backward needs; B x L logits need not outlive it
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if probe is not None:
+                probe.mark("backward")
             self.optimizer.step()
+            if probe is not None:
+                probe.mark("optimizer")
             self.schedule.after_step()
             self.step += 1
             self.batch_in_epoch += 1
@@ -256,7 +269,7 @@ class Trainer:
             "rewired_fraction": stats["rewired"],
             "epoch_seconds": seconds,
             "samples_per_second": stats["samples"] / seconds,
-            "peak_memory_bytes": _peak_memory_bytes(self.device),
+            "peak_memory_bytes": _peak_memory_bytes(self.device, self.step_memory),
         }
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -319,8 +332,12 @@ class Trainer:
             "steps": self.step,
             "best_validation": {config.train.early_stopping.metric: self.best_score},
             "test": test,
-            "memory": {**self.model.memory_report(), "optimizer_state": optimizer_state_bytes(self.optimizer)},
-            "peak_memory_bytes": _peak_memory_bytes(self.device),
+            "memory": {
+                **state_bytes(self.model, self.optimizer),
+                "optimizer_state": optimizer_state_bytes(self.optimizer),
+                "step": self.step_memory.report,
+            },
+            "peak_memory_bytes": _peak_memory_bytes(self.device, self.step_memory),
             "device": str(self.device),
         }
         write_json(self.run_dir / "final.json", final)

@@ -1,0 +1,83 @@
+"""What the GPU memory of a training run is spent on: the state of each part and one step's peaks.
+
+``state_bytes`` counts the tensors that live through the run: each part's weights, the head's index
+table and its by-input copy (built by the Triton backward), and the optimizer state of each part.
+``StepMemory`` measures one step with ``torch.cuda.max_memory_allocated``: the bytes allocated
+when it starts (that state plus the batch) and, for each phase, the peak above that start, so that
+the logits, the loss buffers and the backward's temporaries show up as what they cost.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xmlsparse.nn.model import XMCModel
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def optimizer_state_bytes_by_part(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of per-parameter optimizer state, keyed by each group's ``name`` (the model part)."""
+    by_part: dict[str, int] = {}
+    for index, group in enumerate(optimizer.param_groups):
+        name = group.get("name", f"group{index}")
+        states = (optimizer.state.get(p, {}) for p in group["params"])
+        by_part[name] = by_part.get(name, 0) + sum(_tensor_bytes(s.values()) for s in states)
+    return by_part
+
+
+def by_input_index_bytes() -> int:
+    """Bytes of the by-input index copies the Triton backward keeps (0 without Triton)."""
+    try:
+        from xmlsparse.ops.fixed_fanin import transposed_index_bytes
+    except ImportError:
+        return 0
+    return transposed_index_bytes()
+
+
+def state_bytes(model: XMCModel, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of what lives through the run, by part (``optimizer_<part>`` for optimizer state)."""
+    report = {key: value for key, value in model.memory_report().items() if key != "total"}
+    report["head_by_input_index"] = by_input_index_bytes()
+    for part, size in optimizer_state_bytes_by_part(optimizer).items():
+        report[f"optimizer_{part}"] = size
+    report["total"] = sum(report.values())
+    return report
+
+
+class StepMemory:
+    """Peak CUDA memory of the phases of one step: ``start()``, then ``mark(phase)`` after each
+    phase. Resets the device's peak counter, so ``run_peak()`` folds earlier peaks back in."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.report: dict[str, int] = {}
+        self._earlier_peak = 0
+        self._start = 0
+
+    def _fold_peak(self) -> int:
+        torch.cuda.synchronize(self.device)
+        peak = int(torch.cuda.max_memory_allocated(self.device))
+        self._earlier_peak = max(self._earlier_peak, peak)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
+
+    def start(self) -> None:
+        self._fold_peak()
+        self._start = int(torch.cuda.memory_allocated(self.device))
+        self.report = {"allocated_at_step_start": self._start}
+
+    def note(self, name: str, tensor: torch.Tensor) -> None:
+        """Record the bytes of a step tensor (the logits, say)."""
+        self.report[f"{name}_bytes"] = tensor.numel() * tensor.element_size()
+
+    def mark(self, phase: str) -> None:
+        """Record the peak of the phase that just ended, above the step's start."""
+        self.report[f"{phase}_peak_above_start"] = self._fold_peak() - self._start
+
+    def run_peak(self) -> int:
+        """The run's peak so far, across the resets."""
+        torch.cuda.synchronize(self.device)
+        return max(self._earlier_peak, int(torch.cuda.max_memory_allocated(self.device)))
