@@ -8,8 +8,11 @@ or as dense rows; labels always stay sparse: flat label ids with CSR row pointer
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -18,6 +21,7 @@ import torch
 from xmlsparse.errors import XMLSparseError
 
 Features = sp.spmatrix | sp.sparray | np.ndarray
+T = TypeVar("T")
 
 
 @dataclass
@@ -164,13 +168,93 @@ class BatchIterator:
         return batch
 
 
-class Prefetcher:
-    """Moves the batches of ``iterable`` to ``device``. On CUDA the next batch is pinned and copied
-    on a side stream while the current one is in use; elsewhere batches pass through as they are."""
+class _Failure:
+    """What the producer thread of :func:`background` raised, carried to the consumer."""
 
-    def __init__(self, iterable: Iterable[Batch], device: torch.device | str) -> None:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()  # the producer's last item: the iterable is exhausted
+
+
+def background(iterable: Iterable[T], depth: int = 3) -> Iterator[T]:
+    """The items of ``iterable`` in the same order, produced by a worker thread up to ``depth``
+    items ahead of the consumer.
+
+    The thread starts with the first ``next()``. An exception raised by ``iterable`` is re-raised
+    here, with its type, message and traceback, when the consumer asks for the item it was making.
+    When the consumer stops early (``break``, an exception in its loop, ``close()``), the worker is
+    stopped and joined before the generator finishes; this waits at most for the item being made.
+    ``iterable`` is iterated (and its iterator closed) in the worker thread only, so the caller
+    must not use it meanwhile.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise XMLSparseError(f"background queue depth must be a positive integer, got {depth!r}")
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        # Checking before every put bounds the puts after a stop to the one already under way;
+        # the consumer's final drain frees a slot for it, so the worker cannot block for good.
+        if stop.is_set():
+            return False
+        ready.put(item)
+        return True
+
+    def produce() -> None:
+        source = iter(iterable)
+        try:
+            for item in source:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as error:  # noqa: BLE001 (any failure must reach the consumer, or it waits forever)
+            put(_Failure(error))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:  # a generator source is finished in the thread that runs it
+                close()
+
+    worker = threading.Thread(target=produce, name="xmlsparse-background", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        # Drop the items made ahead (pinned host memory, say) and free a slot for a worker that is
+        # blocked inside put(); it sees the stop before its next put and ends.
+        while True:
+            try:
+                ready.get_nowait()
+            except queue.Empty:
+                break
+        worker.join()
+
+
+class Prefetcher:
+    """Moves the batches of ``iterable`` to ``device``.
+
+    On CUDA a worker thread (:func:`background`) iterates ``iterable`` and pins each batch, up to
+    ``depth`` batches ahead, so that the training loop never waits for the host to assemble one;
+    the consuming thread only issues each pinned batch's non-blocking copy on a side stream, one
+    batch ahead of the batch in use, and makes the current stream wait for that copy before the
+    batch is handed out. The batches come in the order ``iterable`` gives them; an error raised
+    while making one is raised when that batch is asked for, and stopping early stops the worker.
+    ``iterable`` (e.g. a :class:`BatchIterator` after its ``set_epoch``) must not be changed while
+    the iteration runs. Elsewhere batches pass through as they are, in the calling thread.
+    """
+
+    def __init__(self, iterable: Iterable[Batch], device: torch.device | str, depth: int = 3) -> None:
         self.iterable = iterable
         self.device = torch.device(device)
+        self.depth = depth
 
     def __len__(self) -> int:
         return len(self.iterable)  # type: ignore[arg-type]
@@ -180,24 +264,41 @@ class Prefetcher:
             yield from self.iterable
             return
         copy_stream = torch.cuda.Stream(device=self.device)
-        source = iter(self.iterable)
+        device_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
 
-        def copy_next() -> Batch | None:
-            host = next(source, None)
-            if host is None:
-                return None
-            host = host.pin_memory()
+        def pinned() -> Iterator[Batch]:
+            # Runs in the worker thread, whose current device is 0 until set: pinning there would
+            # otherwise create a CUDA context on GPU 0 for a run on another GPU.
+            torch.cuda.set_device(device_index)
+            for host in self.iterable:
+                yield host.pin_memory()
+
+        def copy(host: Batch) -> Batch:
             with torch.cuda.stream(copy_stream):
                 return host.to(self.device, non_blocking=True)
 
-        upcoming = copy_next()
-        while upcoming is not None:
-            compute_stream = torch.cuda.current_stream(self.device)
-            compute_stream.wait_stream(copy_stream)
-            current = upcoming
-            current.record_stream(compute_stream)
-            upcoming = copy_next()
-            yield current
+        hosts = background(pinned(), self.depth)
+        try:
+            host = next(hosts, None)
+            upcoming = None if host is None else copy(host)
+            while upcoming is not None:
+                compute_stream = torch.cuda.current_stream(self.device)
+                compute_stream.wait_stream(copy_stream)
+                current = upcoming
+                current.record_stream(compute_stream)  # allocated on copy_stream, used on this one
+                failure: Exception | None = None
+                try:
+                    host = next(hosts, None)
+                    upcoming = None if host is None else copy(host)
+                except Exception as error:  # noqa: BLE001 (re-raised below, one batch later)
+                    # The next batch failed; hand out the current one first, so the error comes
+                    # where the failing batch is consumed, as without prefetching.
+                    failure, upcoming = error, None
+                yield current
+                if failure is not None:
+                    raise failure
+        finally:
+            hosts.close()
 
 
 def split_validation(n_points: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
