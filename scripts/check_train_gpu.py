@@ -2,9 +2,9 @@
 
 * the bf16-moment Adam kernel against its torch form (weights to float32 accuracy, each moment on
   one of the two bf16 values around the exact result);
-* the head's Adam step inside its backward against a plain backward + ``CompactAdam.step``, at
-  batches that take the by-input pass (32, 128) and the grad_W-buffer path (600): grad_h, and the
-  weight update relative to its size;
+* the head's Adam step inside its backward against a plain backward + ``CompactAdam.step`` on the
+  same bf16-rounded gradient, at batches 32, 128 and 600 (each a different grad_W path): grad_h,
+  and the weight update relative to its size;
 * the loss written over the head's [L, B] logits against the torch loss on the same logits.
 
 Prints a table, writes JSON to $OUT/check_train_gpu.json (or --out), exits 1 on any failure.
@@ -35,6 +35,7 @@ FAN_IN = 64
 
 
 def relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach(), want.detach()
     return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
 
 
@@ -46,11 +47,14 @@ def check_adam_kernel(n: int = 10_000_000) -> dict:
     v = (torch.rand(n, device="cuda", generator=gen) * 1e-6).to(torch.bfloat16)
     step = AdamStep(1e-3, 0.9, 0.999, 1e-8, 0.01, True, 7, 42)
     w2, m2, v2 = w.clone(), m.clone(), v.clone()
+    # Float32 rounding of each moment's two products, which cancel where m is small.
+    slack = [2**-22 * (step.beta1 * m.float().abs() + (1 - step.beta1) * g.abs()),
+             2**-22 * (step.beta2 * v.float() + (1 - step.beta2) * g * g)]
     adam_step_(w, g, m, v, step)
     adam_step_reference_(w2, g, m2, v2, step, torch.Generator(device="cuda").manual_seed(1))
-    # Both round the same float32 moments: at most one bf16 step apart.
-    moment_gap = max(float(((a.float() - b.float()).abs() / b.float().abs().clamp_min(1e-30)).max())
-                     for a, b in ((m, m2), (v, v2)))
+    # Both round the same float32 moments stochastically: at most one bf16 step apart.
+    moment_gap = max(float(((a.float() - b.float()).abs() / (b.float().abs() + s)).max())
+                     for a, b, s in ((m, m2, slack[0]), (v, v2, slack[1])))
     err = relative(w, w2)
     return {"check": "adam kernel vs torch form", "shape": f"{n:,}", "weight rel err": err,
             "moment max rel gap": moment_gap, "ok": err <= 1e-6 and moment_gap <= 2**-7}
@@ -71,6 +75,8 @@ def check_head_update(batch: int) -> dict:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             z = layer(x)
         z.backward(grad_out)
+        if layer.weight.grad is not None:
+            layer.weight.grad.copy_(layer.weight.grad.to(torch.bfloat16))  # as the backward's update reads it
         opt.step()
         grads.append(x.grad)
     update_err = relative(fused.weight - start, plain.weight - start)

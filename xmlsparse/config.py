@@ -93,8 +93,8 @@ class OptimizerConfig:
     # Adam's two moments: float32 (torch's Adam) or bfloat16 (CompactAdam, stochastic rounding:
     # half the optimizer memory).
     moments: str = "float32"
-    # bfloat16 moments only: the fixed fan-in head takes its Adam step inside its backward and never
-    # stores its weight gradient.
+    # bfloat16 moments only: the fixed fan-in head takes its Adam step inside its backward, so its
+    # weight gradient lives there only (in bf16), not until the optimizer step.
     head_update_in_backward: bool = False
 
 

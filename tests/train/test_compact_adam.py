@@ -86,8 +86,9 @@ def head_problem(batch: int, impl: str, n_labels=37, n_inputs=29, fan_in=6, seed
 @pytest.mark.parametrize(
     ("impl", "batch", "strategy"),
     [
-        ("triton", 5, "csc"),  # the by-input pass updates the weights itself
-        ("triton", 600, "csc"),  # more than one batch block: grad_W buffer, then the Adam kernel
+        ("triton", 5, "csc"),  # by-input grad_h, grad_W pass, then the Adam kernel
+        ("triton", 130, "csc"),  # grad_W from the by-input pass
+        ("triton", 600, "csc"),  # more than one batch block: grad_W summed in fp32 first
         ("triton", 5, "atomic"),
         ("reference", 5, "csc"),
     ],
@@ -106,6 +107,7 @@ def test_head_update_in_backward_equals_a_plain_step(impl, batch, strategy, monk
                 fused.weight.copy_(plain.weight)
                 for name in ("exp_avg", "exp_avg_sq"):
                     fused_opt.state[fused.weight][name].copy_(plain_opt.state[plain.weight][name])
+        before = plain.weight.detach().clone()
         h_fused = h.clone().requires_grad_()
         h_plain = h.clone().requires_grad_()
         for layer, opt, x in ((fused, fused_opt, h_fused), (plain, plain_opt, h_plain)):
@@ -115,13 +117,17 @@ def test_head_update_in_backward_equals_a_plain_step(impl, batch, strategy, monk
         # grad_h reads the weights before this step's update.
         torch.testing.assert_close(h_fused.grad, h_plain.grad, rtol=1e-5, atol=1e-6)
         fused_opt.step()
+        # The backward's update reads the weight gradient rounded to bf16.
+        plain.weight.grad.copy_(plain.weight.grad.to(torch.bfloat16))
         plain_opt.step()
-        torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-5, atol=1e-6)
+        # The two bf16 roundings of the gradient (kernel store, torch cast) may differ by a step.
+        torch.testing.assert_close(fused.weight - before, plain.weight - before, rtol=0.02, atol=5e-5)
         torch.testing.assert_close(fused.bias, plain.bias, rtol=1e-4, atol=1e-6)
         for name in ("exp_avg", "exp_avg_sq"):
             got, want = fused_opt.state[fused.weight][name].float(), plain_opt.state[plain.weight][name].float()
-            # Same float32 value, rounded stochastically with other bits: at most one bf16 step apart.
-            torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-30)
+            # Rounded stochastically with other bits, from a gradient whose bf16 rounding (the
+            # kernel's store against torch's cast) may differ by a step: within a few bf16 steps.
+            torch.testing.assert_close(got, want, rtol=2**-5, atol=1e-30)
     assert fused_opt.state[fused.weight]["step"] == 3
 
 
@@ -135,6 +141,8 @@ def test_several_label_chunks_update_every_slot_once(monkeypatch):
     fused.update_weight_in_backward(BackwardUpdate(fused_opt, fused.weight))
     for layer, opt in ((fused, fused_opt), (plain, plain_opt)):
         layer(h.clone().requires_grad_()).backward(grad_out)
+        if layer.weight.grad is not None:
+            layer.weight.grad.copy_(layer.weight.grad.to(torch.bfloat16))  # as the backward's update reads it
         opt.step()
     ff.clear_transposed_index_cache()
     torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-5, atol=1e-6)
@@ -150,3 +158,24 @@ def test_evaluation_and_no_grad_leave_the_weights_alone():
     layer.eval()
     layer(h).sum().backward()
     assert torch.equal(layer.weight, before) and layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["squared-hinge", "bce"])
+def test_loss_written_over_the_heads_logits_gives_the_plain_gradients(name):
+    """The training step: the head writes [L, B] logits, the loss writes their gradient over them,
+    the by-input backward reads it without a transposed copy."""
+    from xmlsparse.train.losses import loss_fn
+
+    layer, h, _ = head_problem(6, "triton")
+    y_indices = torch.tensor([0, 5, 9, 3, 36, 2, 7, 11])
+    y_ptr = torch.tensor([0, 2, 2, 4, 5, 7, 8])
+    grads = []
+    for consume in (True, False):
+        layer.zero_grad()
+        x = h.clone().requires_grad_()
+        logits = layer(x)
+        assert logits.stride() == (1, 6)
+        loss_fn(name, impl="triton", consume_logits=consume)(logits, y_indices, y_ptr).backward()
+        grads.append((x.grad, layer.weight.grad, layer.bias.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)

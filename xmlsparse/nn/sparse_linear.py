@@ -162,9 +162,9 @@ class FixedFanInLinear(nn.Module):
 
     def update_weight_in_backward(self, update: WeightUpdate | None) -> None:
         """Let the backward of training steps apply ``update`` (the optimizer's handle on
-        ``self.weight``, e.g. ``CompactAdam``'s) instead of storing the weight's gradient: on CUDA
-        the gradient of each slot goes straight into its Adam step, saving an ``[L, K]`` gradient
-        and a pass over it. None restores plain gradients."""
+        ``self.weight``, e.g. ``CompactAdam``'s) instead of keeping the weight's gradient for the
+        optimizer step: the ``[L, K]`` gradient exists only inside the backward, in bf16, and the
+        optimizer step skips the weight. None restores plain gradients."""
         self.weight_update = update
 
     def init_bound(self) -> float:
@@ -191,7 +191,8 @@ class FixedFanInLinear(nn.Module):
         flat = h.reshape(-1, self.in_features)
         update = self.weight_update if self.training and torch.is_grad_enabled() else None
         z = fixed_fanin(flat, self.indices, self.weight, self.bias, impl=self.impl, weight_update=update)
-        return z.reshape(*h.shape[:-1], self.out_features)
+        # 2-D inputs get the op's own output, not a reshaped view of it: the loss may write over it.
+        return z if h.dim() == 2 else z.reshape(*h.shape[:-1], self.out_features)
 
     def memory_bytes(self) -> int:
         """Bytes held by the layer's indices, weights and bias."""

@@ -12,9 +12,7 @@ rounded the same way). The arithmetic, in float32, is torch's Adam/AdamW:
     m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g^2
     w -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
-The Triton kernels live in ``xmlsparse.ops.adam_kernels`` (their ``adam_math`` and
-``store_adam_state`` are also called from the fused backward of the fixed fan-in head);
-``adam_step_reference_`` here is the same update in torch (the CPU path and the kernels' oracle),
+The Triton kernel lives in ``xmlsparse.ops.adam_kernels``; ``adam_step_reference_`` here is the same update in torch (the CPU path and the kernels' oracle),
 drawing its random bits from a torch generator instead of Philox. ``apply_adam_`` picks one.
 """
 
@@ -27,6 +25,9 @@ from typing import Protocol
 import torch
 
 MOMENT_DTYPE = torch.bfloat16
+# The gradient a layer that updates its own weight in its backward keeps until the Adam step: bf16,
+# half the bytes (Adam divides it by sqrt(v), so its 8 bits of precision carry into the update).
+UPDATE_GRAD_DTYPE = torch.bfloat16
 # Elements per chunk of the torch update (its float32 temporaries).
 REFERENCE_CHUNK = 1 << 22
 

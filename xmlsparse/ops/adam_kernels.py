@@ -1,8 +1,7 @@
 """Triton kernels of ``xmlsparse.ops.adam``: Adam with bf16 moments stored by stochastic rounding.
 
-``round_to_bf16``, ``adam_math`` and ``store_adam_state`` are ``triton.jit`` functions shared with
-the fused backward of the fixed fan-in head (``xmlsparse.ops.fixed_fanin``); ``adam_step_``
-launches the elementwise update of one tensor.
+``adam_step_`` launches the elementwise update of one tensor: one coalesced pass that reads the
+weight, its gradient and both moments and writes the weight and both moments.
 """
 
 from __future__ import annotations

@@ -44,8 +44,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from xmlsparse.ops.adam import AdamStep, WeightUpdate, apply_adam_
-from xmlsparse.ops.adam_kernels import adam_math, store_adam_state
+from xmlsparse.ops.adam import UPDATE_GRAD_DTYPE, WeightUpdate, apply_adam_
 
 GRAD_INPUT_STRATEGIES = ("csc", "atomic")
 # Backward (grad_h + grad_W + grad_bias) on one H100, L=670,091, D=65,536, bf16 (docs/benchmarks.md):
@@ -205,20 +204,16 @@ def _transpose_kernel(g_ptr, stride_gb, stride_gl, gt_ptr, ldg, B, L, BLOCK_L: t
 @triton.jit
 def _backward_csc_kernel(
     gt_ptr, ldg, slots_ptr, offsets_ptr, w_ptr, out_ptr, stride_od, stride_ob, ht_ptr, ldh, gw_ptr,
-    m_ptr, v_ptr, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, seed,
     B, B_LOAD, n_inputs,
     K: tl.constexpr, ACCUMULATE: tl.constexpr, WITH_GRAD_WEIGHT: tl.constexpr, GW_ATOMIC: tl.constexpr,
-    UPDATE: tl.constexpr, DECOUPLED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     # One (label chunk, input d) segment per program (and one batch block): sum W[l, k] * g^T[l, :]
     # over the segment's slots in registers, then write it once (one chunk) or add it atomically
     # into the fp32 accumulator (several chunks; programs run roughly chunk after chunk, so the
     # grad_out^T rows and weights of one chunk are read while they sit in L2). With
     # WITH_GRAD_WEIGHT the same grad_out^T rows give grad_W[l, k] = <g^T[l, :], h^T[d, :]> per slot
-    # (added atomically when the batch spans several blocks). With UPDATE (one batch block) that
-    # gradient goes straight into an Adam step of the slot (xmlsparse.ops.adam): every slot sits in
-    # exactly one segment, and its weight was read for grad_h just before, so the update races
-    # with nothing and grad_W is never stored.
+    # (added atomically when the batch spans several blocks).
     pid = tl.program_id(0)
     n_b = tl.cdiv(B, BLOCK_B)
     segment = (pid // n_b).to(tl.int64)
@@ -240,12 +235,7 @@ def _backward_csc_kernel(
         acc += x * w[:, None]
         if WITH_GRAD_WEIGHT:
             gw = tl.sum(x * h_row[None, :], axis=1)
-            if UPDATE:
-                m = tl.load(m_ptr + slot, mask=mask_e, other=0.0).to(tl.float32)
-                v = tl.load(v_ptr + slot, mask=mask_e, other=0.0).to(tl.float32)
-                w, m, v = adam_math(w, gw, m, v, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, DECOUPLED)
-                store_adam_state(w_ptr, m_ptr, v_ptr, slot, mask_e, w, m, v, seed)
-            elif GW_ATOMIC:
+            if GW_ATOMIC:
                 tl.atomic_add(gw_ptr + slot, gw, mask=mask_e, sem="relaxed")
             else:
                 tl.store(gw_ptr + slot, gw.to(gw_ptr.dtype.element_ty), mask=mask_e)
@@ -627,27 +617,17 @@ def _is_transposed_layout(grad_out: torch.Tensor) -> bool:
     return grad_out.shape[1] > 1 and grad_out.stride(0) == 1 and grad_out.stride(1) == grad_out.shape[0]
 
 
-def fits_fused_update(batch: int) -> bool:
-    """Whether the by-input pass can update the weights itself: one batch block per segment."""
-    return batch <= csc_blocks(padded_width(batch)).block_b
-
-
 def _grad_input_csc(grad_out: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, n_inputs: int,
                     out: torch.Tensor, index: TransposedIndex | None = None, blocks: Blocks | None = None,
-                    h_t: torch.Tensor | None = None, grad_w: torch.Tensor | None = None,
-                    update: tuple[AdamStep, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """By-input grad_input; with ``h_t`` and ``grad_w`` also grad_W from the same reads; with
-    ``h_t`` and ``update`` (an Adam step and its two moments) an Adam step of ``weight`` instead."""
+                    h_t: torch.Tensor | None = None, grad_w: torch.Tensor | None = None) -> torch.Tensor:
+    """By-input grad_input; with ``h_t`` and ``grad_w`` also grad_W from the same reads."""
     batch, n_labels = grad_out.shape
     fan_in = indices.shape[1]
-    with_gw = grad_w is not None or update is not None
+    with_gw = grad_w is not None
     if batch == 0 or n_labels == 0 or fan_in == 0:
         out.zero_()
         if grad_w is not None:
             grad_w.zero_()
-        if update is not None:
-            step, exp_avg, exp_avg_sq = update
-            apply_adam_(weight, torch.zeros_like(weight), exp_avg, exp_avg_sq, step)
         return out
     if index is None:
         index = transposed_index(indices, n_inputs, csc_chunk_labels(indices, batch, grad_out.dtype, with_gw))
@@ -662,26 +642,19 @@ def _grad_input_csc(grad_out: torch.Tensor, indices: torch.Tensor, weight: torch
     target = torch.zeros(n_inputs, batch, dtype=torch.float32, device=out.device) if several else out
     strides = (batch, 1) if several else (1, n_inputs)
     gw_atomic = with_gw and batch > blk.block_b
-    if update is not None and gw_atomic:
-        raise ValueError(f"the fused weight update needs the batch ({batch}) in one block of {blk.block_b}")
     gw_target = grad_w
     if gw_atomic:
         gw_target = torch.zeros(grad_w.shape, dtype=torch.float32, device=grad_w.device)
-    step, exp_avg, exp_avg_sq = update if update is not None else (None, weight, weight)
-    adam = (step.lr, step.beta1, step.beta2, step.eps, step.weight_decay, step.step_size,
-            step.bias_correction2_sqrt, step.seed) if step is not None else (0.0,) * 7 + (0,)
     grid = (index.n_chunks * n_inputs * triton.cdiv(batch, blk.block_b),)
     _backward_csc_kernel[grid](
         g_t, ldg, index.slots, index.offsets, weight, target, *strides,
-        h_t if with_gw else g_t, h_t.shape[1] if with_gw else ldg,
-        gw_target if grad_w is not None else target, exp_avg, exp_avg_sq, *adam,
+        h_t if with_gw else g_t, h_t.shape[1] if with_gw else ldg, gw_target if with_gw else target,
         batch, load_cols, n_inputs, K=fan_in, ACCUMULATE=several, WITH_GRAD_WEIGHT=with_gw, GW_ATOMIC=gw_atomic,
-        UPDATE=update is not None, DECOUPLED=step is not None and step.decoupled,
         BLOCK_E=blk.block_l, BLOCK_B=blk.block_b, num_warps=blk.num_warps,
     )
     if several:
         out.copy_(target.t())
-    if grad_w is not None and gw_target is not grad_w:
+    if gw_target is not grad_w:
         grad_w.copy_(gw_target)
     return out
 
@@ -784,19 +757,18 @@ def backward(grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Tensor, w
              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(grad_h, grad_W, grad_bias)`` from ``grad_out [B, L]`` and the forward's ``h^T``
     (``transpose_padded(h)``); ``bias_dtype=None`` skips the bias gradient. With ``weight_update``
-    the weight takes its Adam step here and grad_W comes back None: inside the by-input pass when
-    the batch fits one block (grad_W is never stored), else from a grad_W buffer freed at once."""
+    the weight takes its Adam step here and grad_W comes back None: grad_W goes to a bf16 buffer
+    (half the bytes of the fp32 gradient an optimizer step would need), read once by the Adam
+    kernel and freed. (Adam inside the by-input pass itself stored no gradient at all but was
+    measured 2x slower: its weight and moment accesses follow the by-input order, scattered.)"""
     batch, n_labels = grad_out.shape
     device = grad_out.device
     grad_h = torch.empty(batch, n_inputs, dtype=h_dtype, device=device) if need_h else None
     grad_b = torch.empty(n_labels, dtype=bias_dtype, device=device) if bias_dtype is not None else None
     csc = (strategy or DEFAULT_GRAD_INPUT_STRATEGY) == "csc"
-    if weight_update is not None and need_weight and need_h and csc and fits_fused_update(batch):
-        _grad_input_csc(grad_out, indices, weight, n_inputs, grad_h, h_t=h_t, update=weight_update.begin())
-        if grad_b is not None:
-            grad_b.copy_(grad_out.sum(0, dtype=torch.float32))
-        return grad_h, None, grad_b
-    grad_w = torch.empty_like(weight) if need_weight else None
+    grad_w = None
+    if need_weight:
+        grad_w = torch.empty_like(weight, dtype=UPDATE_GRAD_DTYPE if weight_update is not None else None)
     if need_h and not csc:
         # One pass over the labels gives grad_h, grad_W and the bias gradient.
         _grad_input_atomic(grad_out, indices, weight, n_inputs, grad_h, h_t, grad_w, grad_b)

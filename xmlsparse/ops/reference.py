@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from xmlsparse.ops.adam import WeightUpdate, apply_adam_
+from xmlsparse.ops.adam import UPDATE_GRAD_DTYPE, WeightUpdate, apply_adam_
 
 # Elements of the largest temporary block one chunk of labels may create. Read on every call,
 # so it can be changed at run time.
@@ -142,7 +142,7 @@ class FixedFanInFunction(torch.autograd.Function):
             grad_b = grad_out.sum(0, dtype=accumulation_dtype(grad_out.dtype)).to(ctx.bias_dtype)
         if ctx.weight_update is not None and grad_w is not None:
             step, exp_avg, exp_avg_sq = ctx.weight_update.begin()
-            apply_adam_(weight, grad_w, exp_avg, exp_avg_sq, step)
+            apply_adam_(weight, grad_w.to(UPDATE_GRAD_DTYPE), exp_avg, exp_avg_sq, step)
             grad_w = None
         return grad_h, None, grad_w, grad_b, None
 

@@ -2,8 +2,8 @@
 
 Half the optimizer memory of torch's Adam (4 bytes a weight instead of 8), one fused pass a tensor
 on CUDA (``xmlsparse.ops.adam``), and an opt-in for layers that update their weight inside their
-own backward (the fixed fan-in head: its weight gradient is then never stored, see
-``FixedFanInLinear.update_weight_in_backward``). Per parameter the state is ``step`` (a Python int,
+own backward (the fixed fan-in head: its weight gradient then lives only inside the backward, in
+bf16, see ``FixedFanInLinear.update_weight_in_backward``). Per parameter the state is ``step`` (a Python int,
 so that no step waits for the device), ``exp_avg`` and ``exp_avg_sq`` (bf16, shaped like the
 parameter; the rewirer zeroes the slots it regrows). The stochastic rounding bits of a step are a
 function of (seed, parameter position, step), so a resumed run repeats them.
