@@ -2,7 +2,9 @@
 
 Layout: the kernels read activations as ``h^T [D, ldh]`` (``ldh`` = B rounded up to 16 when
 B >= 16, the padding zeroed), so one gathered index reads B contiguous values; indices ``I``
-int32 ``[L, K]`` and weights ``W [L, K]`` are row-major, a label's K slots contiguous. Every
+int32 ``[L, K]`` and weights ``W [L, K]`` are row-major, a label's K slots contiguous. When a
+gradient is wanted the logits are stored ``[L, B]`` (a ``[B, L]`` tensor with strides ``(1, B)``),
+so that a gradient of that layout reaches the by-input backward without a transposed copy. Every
 kernel accumulates in float32 and forms offsets in int64, so ``L*K``, ``B*L`` and ``D*B`` may
 pass 2**31. No ``[B, L, K]`` temporary exists: each program holds one ``[labels, slots, batch]``
 tile in registers.
