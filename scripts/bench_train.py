@@ -34,9 +34,9 @@ from xmlsparse.data.synthetic import generate
 from xmlsparse.nn.rewire import Rewirer
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.train.losses import loss_fn
-from xmlsparse.train.memory import StepMemory, state_bytes
+from xmlsparse.train.memory import StepMemory, optimizer_state_bytes, state_bytes
 from xmlsparse.train.setup import model_for, prepare_data
-from xmlsparse.train.trainer import build_optimizer, optimizer_state_bytes
+from xmlsparse.train.trainer import build_optimizer, train_step
 
 MEMORY_COLUMNS = (
     "intermediate", "head_params", "head_indices", "head_by_input_index", "optimizer_intermediate", "optimizer_head",
@@ -69,25 +69,6 @@ def _timed_step(model, batch, loss, optimizer, events):
     events[6].record()
 
 
-def _plain_step(model, batch, loss, optimizer, probe: StepMemory | None = None):
-    if probe is not None:
-        probe.start()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits = model(batch)
-    value = loss(logits, batch.y_indices, batch.y_ptr)
-    if probe is not None:
-        probe.note("logits", logits)
-        probe.mark("forward_and_loss")
-    del logits
-    optimizer.zero_grad(set_to_none=True)
-    value.backward()
-    if probe is not None:
-        probe.mark("backward")
-    optimizer.step()
-    if probe is not None:
-        probe.mark("optimizer")
-
-
 def bench(config_path: Path, data_dir: Path, batch_size: int, steps: int, warmup: int, n_real: int) -> dict:
     config = load_config(config_path, [f"data.dataset={data_dir}", f"train.batch_size={batch_size}", "train.device=cuda"])
     device = torch.device("cuda")
@@ -105,9 +86,9 @@ def bench(config_path: Path, data_dir: Path, batch_size: int, steps: int, warmup
             break
     model.train()
     for i in range(warmup):
-        _plain_step(model, batches[i % len(batches)], loss, optimizer)
+        train_step(model, batches[i % len(batches)], loss, optimizer, device, "bf16")
     probe = StepMemory(device)
-    _plain_step(model, batches[0], loss, optimizer, probe)
+    train_step(model, batches[0], loss, optimizer, device, "bf16", probe)
     torch.cuda.synchronize()
 
     parts = {name: [] for name in PARTS}
@@ -121,7 +102,7 @@ def bench(config_path: Path, data_dir: Path, batch_size: int, steps: int, warmup
     torch.cuda.synchronize()
     started = time.perf_counter()
     for i in range(steps):
-        _plain_step(model, batches[i % len(batches)], loss, optimizer)
+        train_step(model, batches[i % len(batches)], loss, optimizer, device, "bf16")
     torch.cuda.synchronize()
     step_ms = (time.perf_counter() - started) * 1000 / steps
 

@@ -42,18 +42,25 @@ class CompactAdam(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.seed = seed
 
+    def _positions(self):
+        """``(position, group, param)`` over every parameter, numbered across the groups."""
+        params = ((group, p) for group in self.param_groups for p in group["params"])
+        for position, (group, param) in enumerate(params):
+            yield position, group, param
+
     def _locate(self, param: torch.Tensor) -> tuple[int, dict[str, Any]]:
-        position = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p is param:
-                    return position, group
-                position += 1
+        for position, group, p in self._positions():
+            if p is param:
+                return position, group
         raise ValueError("the parameter is not managed by this optimizer")
 
     def begin_step(self, param: torch.Tensor) -> tuple[AdamStep, torch.Tensor, torch.Tensor]:
         """Advance ``param``'s step; return the step's scalars and its moments (made on first use)."""
-        position, group = self._locate(param)
+        return self._begin(param, *self._locate(param))
+
+    def _begin(
+        self, param: torch.Tensor, position: int, group: dict[str, Any]
+    ) -> tuple[AdamStep, torch.Tensor, torch.Tensor]:
         state = self.state[param]
         if not state:
             state["step"] = 0
@@ -73,12 +80,11 @@ class CompactAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue  # no gradient, or a weight its layer updated in its backward
-                step, exp_avg, exp_avg_sq = self.begin_step(param)
-                apply_adam_(param, param.grad.contiguous(), exp_avg, exp_avg_sq, step)
+        for position, group, param in self._positions():
+            if param.grad is None:
+                continue  # no gradient, or a weight its layer updated in its backward
+            step, exp_avg, exp_avg_sq = self._begin(param, position, group)
+            apply_adam_(param, param.grad.contiguous(), exp_avg, exp_avg_sq, step)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -28,6 +28,11 @@ def optimizer_state_bytes_by_part(optimizer: torch.optim.Optimizer) -> dict[str,
     return by_part
 
 
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's per-parameter state (Adam: two moments the size of the weights)."""
+    return sum(optimizer_state_bytes_by_part(optimizer).values())
+
+
 def by_input_index_bytes() -> int:
     """Bytes of the by-input index copies the Triton backward keeps (0 without Triton)."""
     try:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from xmlsparse.atomic import atomic_write
 from xmlsparse.config import Config, config_to_dict, load_config, save_config
-from xmlsparse.data.batches import BatchIterator, Prefetcher
+from xmlsparse.data.batches import Batch, BatchIterator, Prefetcher
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.evaluate import autocast_for, evaluate
 from xmlsparse.nn.model import XMCModel
@@ -32,8 +32,8 @@ from xmlsparse.nn.rewire import Rewirer
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.train.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from xmlsparse.train.compact_adam import BackwardUpdate, CompactAdam
-from xmlsparse.train.losses import loss_fn
-from xmlsparse.train.memory import StepMemory, state_bytes
+from xmlsparse.train.losses import LossFn, loss_fn
+from xmlsparse.train.memory import StepMemory, optimizer_state_bytes, state_bytes
 from xmlsparse.train.schedules import Schedule
 from xmlsparse.train.setup import model_for, prepare_data, resolve_device
 
@@ -78,11 +78,34 @@ def build_optimizer(model: XMCModel, config: Config) -> torch.optim.Optimizer:
     return cls(groups, lr=opt.lr, weight_decay=opt.weight_decay, foreach=True)
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's per-parameter state (Adam: two moments the size of the weights)."""
-    return sum(
-        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
-    )
+def train_step(
+    model: XMCModel,
+    batch: Batch,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    precision: str,
+    probe: StepMemory | None = None,
+) -> torch.Tensor:
+    """One optimizer step on ``batch`` (forward, loss, backward, optimizer); returns the detached
+    loss. With ``probe`` (CUDA) the step's memory is measured phase by phase."""
+    if probe is not None:
+        probe.start()
+    with autocast_for(device, precision):
+        logits = model(batch)
+    loss = loss_fn(logits, batch.y_indices, batch.y_ptr)
+    if probe is not None:
+        probe.note("logits", logits)
+        probe.mark("forward_and_loss")
+    del logits  # the loss keeps what its backward needs; B x L logits need not outlive it
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if probe is not None:
+        probe.mark("backward")
+    optimizer.step()
+    if probe is not None:
+        probe.mark("optimizer")
+    return loss.detach()
 
 
 class Trainer:
@@ -203,28 +226,13 @@ class Trainer:
                 break
             # The run's second step (the first has made the optimizer state) is measured phase by phase.
             probe = self.step_memory if self.step == 1 and self.device.type == "cuda" else None
-            if probe is not None:
-                probe.start()
-            with autocast_for(self.device, self.precision):
-                logits = self.model(batch)
-            loss = self.loss(logits, batch.y_indices, batch.y_ptr)
-            if probe is not None:
-                probe.note("logits", logits)
-                probe.mark("forward_and_loss")
-            del logits  # the loss keeps what its backward needs; B x L logits need not outlive it
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if probe is not None:
-                probe.mark("backward")
-            self.optimizer.step()
-            if probe is not None:
-                probe.mark("optimizer")
+            loss = train_step(self.model, batch, self.loss, self.optimizer, self.device, self.precision, probe)
             self.schedule.after_step()
             self.step += 1
             self.batch_in_epoch += 1
             samples += batch.size
             done_here += 1
-            running += loss.detach()
+            running += loss
             if self.rewirer is not None:
                 fraction = self.rewirer.maybe_rewire(self.model.head, self.optimizer, self.step)
                 if fraction is not None:
