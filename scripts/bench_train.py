@@ -59,13 +59,13 @@ def _timed_step(model, batch, loss, optimizer, events):
     value = loss(logits, batch.y_indices, batch.y_ptr)
     (grad_logits,) = torch.autograd.grad(value, logits)
     events[3].record()
-    optimizer.zero_grad(set_to_none=True)
     logits.backward(grad_logits)
     events[4].record()
     if h.requires_grad:  # features straight into the head have no layers below it to train
         h.backward(h_in.grad)
     events[5].record()
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     events[6].record()
 
 

@@ -2,6 +2,7 @@
 exactly what one pass over all slots gives, whatever the piece size."""
 
 import importlib
+import weakref
 
 import pytest
 import torch
@@ -209,3 +210,24 @@ def test_selection_under_no_grad_leaves_weight_alone(monkeypatch):
         mask = select(0.3, weight)
     assert not mask.requires_grad and torch.equal(weight.detach(), before)
     check_selection(weight, 0.3, mask)
+
+
+def test_a_stale_by_input_index_is_freed_before_its_replacement_is_built(monkeypatch):
+    """Rewiring changes the indices in place; the cached index of the old ones (1 GB at amazon-3m
+    shape) must not live beside the new one while it is built."""
+    ff.clear_transposed_index_cache()
+    indices = random_indices(40, 4, 13, seed=3)
+    old_slots = weakref.ref(ff.transposed_index(indices, 13, 8).slots)
+    indices[0, 0] = (indices[0, 0] + 1) % 13  # an in-place change, as rewiring makes
+    build = ff.build_transposed_index
+    old_alive_during_build = []
+
+    def watched_build(*args):
+        old_alive_during_build.append(old_slots() is not None)
+        return build(*args)
+
+    monkeypatch.setattr(ff, "build_transposed_index", watched_build)
+    rebuilt = ff.transposed_index(indices, 13, 8)
+    assert old_alive_during_build == [False]
+    assert ff.transposed_index(indices, 13, 8) is rebuilt  # cached again
+    ff.clear_transposed_index_cache()

@@ -58,6 +58,19 @@ def test_one_step_matches_exact_adam(decoupled, n, path):
         assert on_grid.all(), (got[~on_grid][:5], want[~on_grid][:5])
 
 
+def test_a_slice_with_its_offset_rounds_as_the_whole_tensor_does():
+    """The rounding bits are a function of the element's place in the whole parameter, so an
+    update taken range by range (the head's backward) equals one over the whole tensor."""
+    whole = problem(3000, seed=11)
+    parts = [t.clone() for t in whole]
+    step = AdamStep(1e-2, 0.9, 0.999, 1e-8, 0.01, True, 4, 77)
+    adam_step_(*whole, step)
+    for start, stop in ((0, 1100), (1100, 1101), (1101, 3000)):
+        adam_step_(*(t[start:stop] for t in parts), step, offset=start)
+    for got, want in zip(parts, whole):
+        assert torch.equal(got, want)
+
+
 def test_bf16_weights_are_rounded_stochastically():
     w, g, m, v = problem(777, seed=3, w_dtype=torch.bfloat16)
     step = AdamStep(1e-3, 0.9, 0.999, 1e-8, 0.0, False, 1, 99)

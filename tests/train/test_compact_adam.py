@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
+from xmlsparse.ops import reference
 from xmlsparse.train.compact_adam import BackwardUpdate, CompactAdam
 
 ff = sys.modules["xmlsparse.ops.fixed_fanin"]  # the module; the package attribute is the dispatcher
@@ -146,6 +147,46 @@ def test_several_label_chunks_update_every_slot_once(monkeypatch):
         opt.step()
     ff.clear_transposed_index_cache()
     torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("impl", "batch", "strategy", "l2_bytes", "ranges"),
+    [
+        ("triton", 5, "csc", None, 10),  # grad_W pass range by range
+        ("triton", 130, "csc", None, 1),  # one by-input launch: all labels fit one chunk
+        ("triton", 130, "csc", 4096, 13),  # by-input launches, one 3-label chunk each
+        ("triton", 600, "csc", 8192, 10),  # ... with grad_W summed over batch blocks in fp32
+        ("triton", 5, "atomic", None, 10),
+        ("triton", 0, "csc", None, 10),  # an empty batch still steps (momentum, weight decay)
+        ("reference", 5, "csc", None, None),
+    ],
+)
+def test_update_taken_range_by_range_equals_one_step(impl, batch, strategy, l2_bytes, ranges, monkeypatch):
+    """With ranges of a few labels the backward never holds the whole weight's gradient, and the
+    weights end where a plain backward and CompactAdam.step put them."""
+    monkeypatch.setattr(ff, "DEFAULT_GRAD_INPUT_STRATEGY", strategy)
+    monkeypatch.setattr(ff, "UPDATE_RANGE_SLOTS", 4 * 6)  # 4 labels of fan-in 6
+    if l2_bytes is not None:
+        monkeypatch.setattr(ff, "DEFAULT_L2_BYTES", l2_bytes)
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 3 * 6 * max(batch, 1))  # 3 labels a chunk
+    held = []
+    make = ff._update_grad
+    monkeypatch.setattr(ff, "_update_grad", lambda n, k, device: held.append(n * k) or make(n, k, device))
+    ff.clear_transposed_index_cache()
+    fused, h, grad_out = head_problem(batch, impl)
+    plain = copy.deepcopy(fused)
+    fused_opt, plain_opt = CompactAdam(fused.parameters(), lr=0.1), CompactAdam(plain.parameters(), lr=0.1)
+    fused.update_weight_in_backward(BackwardUpdate(fused_opt, fused.weight))
+    for layer, opt in ((fused, fused_opt), (plain, plain_opt)):
+        layer(h.clone().requires_grad_()).backward(grad_out)
+        if layer.weight.grad is not None:
+            layer.weight.grad.copy_(layer.weight.grad.to(torch.bfloat16))  # as the backward's update reads it
+        opt.step()
+    ff.clear_transposed_index_cache()
+    torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-5, atol=1e-6)
+    assert fused_opt.state[fused.weight]["step"] == 1
+    if ranges is not None:  # the Triton paths: each slot's gradient held once, a range at a time
+        assert len(held) == ranges and sum(held) == fused.weight.numel()
 
 
 def test_evaluation_and_no_grad_leave_the_weights_alone():

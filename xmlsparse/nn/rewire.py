@@ -159,7 +159,8 @@ class Rewirer:
         if indices.shape[1] >= layer.in_features or weight.numel() == 0:
             return 0.0
         pruned = self._select_pruned(weight, threshold, generator)
-        n_pruned = int(pruned.sum())
+        # Counted piece by piece: a bool tensor's sum() first makes an int64 copy (8 bytes a slot).
+        n_pruned = sum(int(piece.sum()) for piece in pruned.view(-1).split(SELECT_CHUNK_SLOTS))
         if n_pruned:
             redraw_distinct(indices, pruned, layer.in_features, generator)
             if self.new_weights == "zero":

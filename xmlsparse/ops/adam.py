@@ -97,15 +97,16 @@ def adam_step_reference_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch
 
 
 def apply_adam_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                step: AdamStep) -> None:
-    """``adam_step_`` on CUDA, ``adam_step_reference_`` elsewhere (random bits seeded by ``step.seed``)."""
+                step: AdamStep, offset: int = 0) -> None:
+    """``adam_step_`` on CUDA, ``adam_step_reference_`` elsewhere (random bits seeded by
+    ``step.seed`` and ``offset``, where ``param`` starts when it is a slice of a parameter)."""
     if param.is_cuda:
         from xmlsparse.ops.adam_kernels import adam_step_
 
-        adam_step_(param, grad, exp_avg, exp_avg_sq, step)
+        adam_step_(param, grad, exp_avg, exp_avg_sq, step, offset)
         return
     generator = torch.Generator(device=param.device)
-    generator.manual_seed(step.seed)
+    generator.manual_seed(step.seed * 1_000_003 + offset)
     adam_step_reference_(param, grad, exp_avg, exp_avg_sq, step, generator)
 
 
@@ -115,3 +116,20 @@ class WeightUpdate(Protocol):
     def begin(self) -> tuple[AdamStep, torch.Tensor, torch.Tensor]:
         """Advance the weight's step count; return the step's scalars and the two moments."""
         ...
+
+
+class RowRangeUpdate:
+    """One Adam step of a 2-D weight taken one range of rows at a time: the step is begun once and
+    each range's gradient is applied as soon as it exists, so that the whole weight's gradient
+    never does. A range's update must come after everything that reads that range's old values."""
+
+    def __init__(self, weight: torch.Tensor, update: WeightUpdate) -> None:
+        self.weight = weight
+        self.step, self.exp_avg, self.exp_avg_sq = update.begin()
+
+    def __call__(self, start: int, stop: int, grad: torch.Tensor) -> None:
+        """Apply the step to rows ``[start, stop)`` with their gradient ``grad``."""
+        rows = slice(start, stop)
+        apply_adam_(self.weight[rows], grad, self.exp_avg[rows], self.exp_avg_sq[rows], self.step,
+                    offset=start * self.weight.shape[1])
+

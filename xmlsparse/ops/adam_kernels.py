@@ -38,10 +38,11 @@ def adam_math(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sq
 
 
 @triton.jit
-def store_adam_state(w_ptr, m_ptr, v_ptr, offs, mask, w, m, v, seed):
+def store_adam_state(w_ptr, m_ptr, v_ptr, offs, mask, w, m, v, seed, counter):
     """Store new weights (rounded stochastically when bf16) and bf16 moments at ``offs``; the
-    random bits come from Philox keyed by (``seed``, element offset)."""
-    r0, r1, r2, _ = tl.randint4x(seed, offs)
+    random bits come from Philox keyed by (``seed``, ``counter``: the element's place in the
+    whole parameter)."""
+    r0, r1, r2, _ = tl.randint4x(seed, counter)
     tl.store(m_ptr + offs, round_to_bf16(m, r0 & 0xFFFF), mask=mask)
     tl.store(v_ptr + offs, round_to_bf16(v, r1 & 0xFFFF), mask=mask)
     if w_ptr.dtype.element_ty == tl.bfloat16:
@@ -52,7 +53,7 @@ def store_adam_state(w_ptr, m_ptr, v_ptr, offs, mask, w, m, v, seed):
 
 @triton.jit
 def _adam_kernel(w_ptr, g_ptr, m_ptr, v_ptr, n, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, seed,
-                 DECOUPLED: tl.constexpr, BLOCK: tl.constexpr):
+                 offset, DECOUPLED: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -60,18 +61,20 @@ def _adam_kernel(w_ptr, g_ptr, m_ptr, v_ptr, n, lr, beta1, beta2, eps, weight_de
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     w, m, v = adam_math(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, DECOUPLED)
-    store_adam_state(w_ptr, m_ptr, v_ptr, offs, mask, w, m, v, seed)
+    store_adam_state(w_ptr, m_ptr, v_ptr, offs, mask, w, m, v, seed, offs + offset)
 
 
 def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-               step: AdamStep) -> None:
-    """Update ``param``, ``exp_avg``, ``exp_avg_sq`` in place with the Triton kernel (one pass)."""
+               step: AdamStep, offset: int = 0) -> None:
+    """Update ``param``, ``exp_avg``, ``exp_avg_sq`` in place with the Triton kernel (one pass).
+    ``offset``: where ``param`` starts in the whole parameter when it is a slice of one (the
+    rounding bits are a function of the element's place in the whole)."""
     check_state(param, grad, exp_avg, exp_avg_sq)
     n = param.numel()
     if n == 0:
         return
     _adam_kernel[(triton.cdiv(n, BLOCK),)](
         param, grad, exp_avg, exp_avg_sq, n, step.lr, step.beta1, step.beta2, step.eps, step.weight_decay,
-        step.step_size, step.bias_correction2_sqrt, step.seed, DECOUPLED=step.decoupled, BLOCK=BLOCK,
+        step.step_size, step.bias_correction2_sqrt, step.seed, offset, DECOUPLED=step.decoupled, BLOCK=BLOCK,
         num_warps=4,
     )

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from xmlsparse.ops.adam import UPDATE_GRAD_DTYPE, WeightUpdate, apply_adam_
+from xmlsparse.ops.adam import UPDATE_GRAD_DTYPE, RowRangeUpdate, WeightUpdate
 
 GRAD_INPUT_STRATEGIES = ("csc", "atomic")
 # Backward (grad_h + grad_W + grad_bias) on one H100, L=670,091, D=65,536, bf16 (docs/benchmarks.md):
@@ -59,6 +59,10 @@ DEFAULT_GRAD_INPUT_STRATEGY = "csc"
 # grad_out^T rows for both gradients); below it, a separate grad_weight pass is faster (H100:
 # fused 2.98 ms vs 2.33 + 1.49 at B=128, K=64; 1.62 ms vs 0.92 + 0.42 at B=32).
 FUSED_MIN_BATCH = 128
+# Slots of the bf16 weight gradient that a backward taking the Adam step holds at once: the step
+# runs over label ranges, each right after its gradient is computed, so that the gradient of the
+# whole head never exists (amazon-3m shape, K = 96: 16 MiB instead of 515 MiB).
+UPDATE_RANGE_SLOTS = 1 << 23
 # Share of the L2 cache one label chunk of the by-input grad_input pass may fill with its
 # grad_out^T rows and weights (the rest holds the [D, B] accumulator and streamed indices).
 CSC_L2_SHARE = 0.5
@@ -205,7 +209,7 @@ def _transpose_kernel(g_ptr, stride_gb, stride_gl, gt_ptr, ldg, B, L, BLOCK_L: t
 
 @triton.jit
 def _backward_csc_kernel(
-    gt_ptr, ldg, slots_ptr, offsets_ptr, w_ptr, out_ptr, stride_od, stride_ob, ht_ptr, ldh, gw_ptr,
+    gt_ptr, ldg, slots_ptr, offsets_ptr, w_ptr, out_ptr, stride_od, stride_ob, ht_ptr, ldh, gw_ptr, gw_base,
     B, B_LOAD, n_inputs,
     K: tl.constexpr, ACCUMULATE: tl.constexpr, WITH_GRAD_WEIGHT: tl.constexpr, GW_ATOMIC: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -215,7 +219,8 @@ def _backward_csc_kernel(
     # into the fp32 accumulator (several chunks; programs run roughly chunk after chunk, so the
     # grad_out^T rows and weights of one chunk are read while they sit in L2). With
     # WITH_GRAD_WEIGHT the same grad_out^T rows give grad_W[l, k] = <g^T[l, :], h^T[d, :]> per slot
-    # (added atomically when the batch spans several blocks).
+    # (added atomically when the batch spans several blocks) at gw_ptr[slot - gw_base]: a launch over
+    # some label chunks writes the gradient of just their slots.
     pid = tl.program_id(0)
     n_b = tl.cdiv(B, BLOCK_B)
     segment = (pid // n_b).to(tl.int64)
@@ -237,10 +242,11 @@ def _backward_csc_kernel(
         acc += x * w[:, None]
         if WITH_GRAD_WEIGHT:
             gw = tl.sum(x * h_row[None, :], axis=1)
+            gw_dst = gw_ptr + (slot.to(tl.int64) - gw_base)
             if GW_ATOMIC:
-                tl.atomic_add(gw_ptr + slot, gw, mask=mask_e, sem="relaxed")
+                tl.atomic_add(gw_dst, gw, mask=mask_e, sem="relaxed")
             else:
-                tl.store(gw_ptr + slot, gw.to(gw_ptr.dtype.element_ty), mask=mask_e)
+                tl.store(gw_dst, gw.to(gw_ptr.dtype.element_ty), mask=mask_e)
     total = tl.sum(acc, axis=0)
     dst = out_ptr + d * stride_od + offs_b.to(tl.int64) * stride_ob
     if ACCUMULATE:
@@ -440,33 +446,51 @@ def _grad_weight_t(grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Ten
 
 def _grad_input_atomic(grad_out: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, n_inputs: int,
                        out: torch.Tensor, h_t: torch.Tensor | None = None, grad_w: torch.Tensor | None = None,
-                       grad_bias: torch.Tensor | None = None, blocks: Blocks | None = None) -> torch.Tensor:
-    """Atomic scatter into an fp32 ``[D, B]`` buffer; with ``h_t`` and ``grad_w`` also grad_W."""
+                       grad_bias: torch.Tensor | None = None, blocks: Blocks | None = None,
+                       update: RowRangeUpdate | None = None) -> torch.Tensor:
+    """Atomic scatter into an fp32 ``[D, B]`` buffer; with ``h_t`` and ``grad_w`` also grad_W, or
+    with ``h_t`` and ``update`` grad_W range by range, each range handed to the update (B > 0)."""
     batch, n_labels = grad_out.shape
     fan_in = indices.shape[1]
     acc = torch.zeros(n_inputs, batch, dtype=torch.float32, device=grad_out.device)
-    with_gw = grad_w is not None
-    if with_gw and (batch == 0 or fan_in == 0):
+    with_gw = grad_w is not None or update is not None
+    if grad_w is not None and (batch == 0 or fan_in == 0):
         grad_w.zero_()
     if grad_bias is not None and (batch == 0 or fan_in == 0):
         grad_bias.copy_(grad_out.sum(0))
     if batch > 0 and n_labels > 0 and fan_in > 0:
         ldh = h_t.shape[1] if with_gw else batch
         blk = blocks or atomic_blocks(batch, fan_in)
-        target = grad_w
-        if with_gw and grad_w.dtype != torch.float32 and batch > blk.block_b:
-            target = torch.empty_like(grad_w, dtype=torch.float32)
-        _backward_atomic_kernel[(triton.cdiv(n_labels, blk.block_l),)](
-            grad_out, grad_out.stride(0), grad_out.stride(1), indices, weight, acc, batch,
-            h_t if with_gw else acc, ldh, target if with_gw else acc,
-            grad_bias if grad_bias is not None else acc, batch, ldh, n_labels, fan_in,
-            WITH_GRAD_WEIGHT=with_gw, HAS_BIAS=grad_bias is not None,
-            BLOCK_L=blk.block_l, BLOCK_K=blk.block_k, BLOCK_B=blk.block_b, num_warps=blk.num_warps,
-        )
-        if with_gw and target is not grad_w:
-            grad_w.copy_(target)
+        for start, stop in _label_ranges(n_labels, fan_in, update):
+            rows = slice(start, stop)
+            gw = grad_w if update is None else _update_grad(stop - start, fan_in, grad_out.device)
+            target = gw
+            if with_gw and gw.dtype != torch.float32 and batch > blk.block_b:
+                target = torch.empty_like(gw, dtype=torch.float32)
+            _backward_atomic_kernel[(triton.cdiv(stop - start, blk.block_l),)](
+                grad_out[:, rows], grad_out.stride(0), grad_out.stride(1), indices[rows], weight[rows], acc, batch,
+                h_t if with_gw else acc, ldh, target if with_gw else acc,
+                grad_bias[rows] if grad_bias is not None else acc, batch, ldh, stop - start, fan_in,
+                WITH_GRAD_WEIGHT=with_gw, HAS_BIAS=grad_bias is not None,
+                BLOCK_L=blk.block_l, BLOCK_K=blk.block_k, BLOCK_B=blk.block_b, num_warps=blk.num_warps,
+            )
+            if with_gw and target is not gw:
+                gw.copy_(target)
+            if update is not None:
+                update(start, stop, gw)
     out.copy_(acc.t())
     return out
+
+
+def _update_grad(n_labels: int, fan_in: int, device: torch.device) -> torch.Tensor:
+    """A label range's weight gradient as the Adam step reads it (bf16)."""
+    return torch.empty(n_labels, fan_in, dtype=UPDATE_GRAD_DTYPE, device=device)
+
+
+def _label_ranges(n_labels: int, fan_in: int, update: RowRangeUpdate | None) -> list[tuple[int, int]]:
+    """All labels at once, or with an update ranges of ``UPDATE_RANGE_SLOTS`` slots."""
+    per_range = n_labels if update is None else max(1, UPDATE_RANGE_SLOTS // max(1, fan_in))
+    return [(start, min(start + per_range, n_labels)) for start in range(0, n_labels, max(1, per_range))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,17 +607,20 @@ def transposed_index(indices: torch.Tensor, n_inputs: int, chunk_labels: int) ->
     version counter moved) or the cached chunks are larger than ``chunk_labels`` or under a quarter
     of it (a smaller batch reuses the index built for a larger one)."""
     key = (indices.device, indices.data_ptr(), tuple(indices.shape), n_inputs)
-    hit = _TRANSPOSED_CACHE.get(key)
-    if hit is not None:
-        ref, version, index = hit
+    # A stale entry is dropped before the build, with no reference to it left here: at amazon-3m
+    # shape it holds 1 GB that would otherwise sit beside its replacement.
+    ref, version, cached = _TRANSPOSED_CACHE.pop(key, (None, None, None))
+    if cached is not None:
         owner = ref()
         wanted = max(1, min(chunk_labels, indices.shape[0]))
-        fits = index.chunk_labels <= wanted < 4 * index.chunk_labels
+        fits = cached.chunk_labels <= wanted < 4 * cached.chunk_labels
         if owner is not None and owner.data_ptr() == indices.data_ptr() and version == indices._version and fits:
-            return index
-    index = build_transposed_index(indices, n_inputs, chunk_labels)
+            _TRANSPOSED_CACHE[key] = (ref, version, cached)
+            return cached
+    del cached
     for stale in [k for k, (ref, _, _) in _TRANSPOSED_CACHE.items() if ref() is None]:
         del _TRANSPOSED_CACHE[stale]
+    index = build_transposed_index(indices, n_inputs, chunk_labels)
     while len(_TRANSPOSED_CACHE) >= _CACHE_ENTRIES:
         del _TRANSPOSED_CACHE[next(iter(_TRANSPOSED_CACHE))]
     _TRANSPOSED_CACHE[key] = (weakref.ref(indices), indices._version, index)
@@ -621,11 +648,14 @@ def _is_transposed_layout(grad_out: torch.Tensor) -> bool:
 
 def _grad_input_csc(grad_out: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, n_inputs: int,
                     out: torch.Tensor, index: TransposedIndex | None = None, blocks: Blocks | None = None,
-                    h_t: torch.Tensor | None = None, grad_w: torch.Tensor | None = None) -> torch.Tensor:
-    """By-input grad_input; with ``h_t`` and ``grad_w`` also grad_W from the same reads."""
+                    h_t: torch.Tensor | None = None, grad_w: torch.Tensor | None = None,
+                    update: RowRangeUpdate | None = None) -> torch.Tensor:
+    """By-input grad_input; with ``h_t`` and ``grad_w`` also grad_W from the same reads, or with
+    ``h_t`` and ``update`` grad_W launch by launch over groups of label chunks, each group's
+    gradient handed to the update (a group's weights are read by no later launch)."""
     batch, n_labels = grad_out.shape
     fan_in = indices.shape[1]
-    with_gw = grad_w is not None
+    with_gw = grad_w is not None or update is not None
     if batch == 0 or n_labels == 0 or fan_in == 0:
         out.zero_()
         if grad_w is not None:
@@ -644,20 +674,26 @@ def _grad_input_csc(grad_out: torch.Tensor, indices: torch.Tensor, weight: torch
     target = torch.zeros(n_inputs, batch, dtype=torch.float32, device=out.device) if several else out
     strides = (batch, 1) if several else (1, n_inputs)
     gw_atomic = with_gw and batch > blk.block_b
-    gw_target = grad_w
-    if gw_atomic:
-        gw_target = torch.zeros(grad_w.shape, dtype=torch.float32, device=grad_w.device)
-    grid = (index.n_chunks * n_inputs * triton.cdiv(batch, blk.block_b),)
-    _backward_csc_kernel[grid](
-        g_t, ldg, index.slots, index.offsets, weight, target, *strides,
-        h_t if with_gw else g_t, h_t.shape[1] if with_gw else ldg, gw_target if with_gw else target,
-        batch, load_cols, n_inputs, K=fan_in, ACCUMULATE=several, WITH_GRAD_WEIGHT=with_gw, GW_ATOMIC=gw_atomic,
-        BLOCK_E=blk.block_l, BLOCK_B=blk.block_b, num_warps=blk.num_warps,
-    )
+    n_b = triton.cdiv(batch, blk.block_b)
+    chunk_slots = index.chunk_labels * fan_in
+    per_launch = index.n_chunks if update is None else max(1, UPDATE_RANGE_SLOTS // chunk_slots)
+    for c0 in range(0, index.n_chunks, per_launch):
+        c1 = min(c0 + per_launch, index.n_chunks)
+        start, stop = c0 * index.chunk_labels, min(c1 * index.chunk_labels, n_labels)
+        gw = grad_w if update is None else _update_grad(stop - start, fan_in, out.device)
+        gw_target = torch.zeros(gw.shape, dtype=torch.float32, device=gw.device) if gw_atomic else gw
+        _backward_csc_kernel[((c1 - c0) * n_inputs * n_b,)](
+            g_t, ldg, index.slots, index.offsets[c0 * n_inputs :], weight, target, *strides,
+            h_t if with_gw else g_t, h_t.shape[1] if with_gw else ldg, gw_target if with_gw else target,
+            start * fan_in, batch, load_cols, n_inputs, K=fan_in, ACCUMULATE=several, WITH_GRAD_WEIGHT=with_gw,
+            GW_ATOMIC=gw_atomic, BLOCK_E=blk.block_l, BLOCK_B=blk.block_b, num_warps=blk.num_warps,
+        )
+        if gw_target is not gw:
+            gw.copy_(gw_target)
+        if update is not None:
+            update(start, stop, gw)
     if several:
         out.copy_(target.t())
-    if gw_target is not grad_w:
-        grad_w.copy_(gw_target)
     return out
 
 
@@ -759,37 +795,40 @@ def backward(grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Tensor, w
              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(grad_h, grad_W, grad_bias)`` from ``grad_out [B, L]`` and the forward's ``h^T``
     (``transpose_padded(h)``); ``bias_dtype=None`` skips the bias gradient. With ``weight_update``
-    the weight takes its Adam step here and grad_W comes back None: grad_W goes to a bf16 buffer
-    (half the bytes of the fp32 gradient an optimizer step would need), read once by the Adam
-    kernel and freed. (Adam inside the by-input pass itself stored no gradient at all but was
-    measured 2x slower: its weight and moment accesses follow the by-input order, scattered.)"""
+    the weight takes its Adam step here and grad_W comes back None: grad_W is computed label range
+    by label range into a bf16 buffer of ``UPDATE_RANGE_SLOTS`` slots, read by the Adam kernel
+    right away (the whole fp32 gradient an optimizer step needs never exists). (Adam inside the
+    by-input pass itself stored no gradient at all but was measured 2x slower: its weight and
+    moment accesses follow the by-input order, scattered.)"""
     batch, n_labels = grad_out.shape
+    fan_in = indices.shape[1]
     device = grad_out.device
     grad_h = torch.empty(batch, n_inputs, dtype=h_dtype, device=device) if need_h else None
     grad_b = torch.empty(n_labels, dtype=bias_dtype, device=device) if bias_dtype is not None else None
     csc = (strategy or DEFAULT_GRAD_INPUT_STRATEGY) == "csc"
-    grad_w = None
-    if need_weight:
-        grad_w = torch.empty_like(weight, dtype=UPDATE_GRAD_DTYPE if weight_update is not None else None)
-    if need_h and not csc:
+    update = RowRangeUpdate(weight, weight_update) if need_weight and weight_update is not None else None
+    grad_w = torch.empty_like(weight) if need_weight and update is None else None
+    if need_h and not csc and batch > 0:
         # One pass over the labels gives grad_h, grad_W and the bias gradient.
-        _grad_input_atomic(grad_out, indices, weight, n_inputs, grad_h, h_t, grad_w, grad_b)
+        _grad_input_atomic(grad_out, indices, weight, n_inputs, grad_h, h_t, grad_w, grad_b, update=update)
     elif need_h and need_weight and batch >= FUSED_MIN_BATCH:
         # One pass over the by-input index gives grad_h and grad_W.
-        _grad_input_csc(grad_out, indices, weight, n_inputs, grad_h, h_t=h_t, grad_w=grad_w)
+        _grad_input_csc(grad_out, indices, weight, n_inputs, grad_h, h_t=h_t, grad_w=grad_w, update=update)
         if grad_b is not None:
             grad_b.copy_(grad_out.sum(0, dtype=torch.float32))
     else:
         if need_h:
             _grad_input_csc(grad_out, indices, weight, n_inputs, grad_h)
         if need_weight:
-            _grad_weight_t(grad_out, h_t, indices, grad_w, grad_b)
+            # After grad_h, which reads the weights before the update.
+            for start, stop in _label_ranges(n_labels, fan_in, update):
+                rows = slice(start, stop)
+                gw = grad_w if update is None else _update_grad(stop - start, fan_in, device)
+                _grad_weight_t(grad_out[:, rows], h_t, indices[rows], gw, None if grad_b is None else grad_b[rows])
+                if update is not None:
+                    update(start, stop, gw)
         elif grad_b is not None:
             grad_b.copy_(grad_out.sum(0, dtype=torch.float32))
-    if weight_update is not None and grad_w is not None:
-        step, exp_avg, exp_avg_sq = weight_update.begin()
-        apply_adam_(weight, grad_w, exp_avg, exp_avg_sq, step)
-        grad_w = None
     return grad_h, grad_w, grad_b
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from xmlsparse.ops.adam import UPDATE_GRAD_DTYPE, WeightUpdate, apply_adam_
+from xmlsparse.ops.adam import UPDATE_GRAD_DTYPE, RowRangeUpdate, WeightUpdate
 
 # Elements of the largest temporary block one chunk of labels may create. Read on every call,
 # so it can be changed at run time.
@@ -110,13 +110,17 @@ def grad_weight(grad_out: torch.Tensor, h: torch.Tensor, indices: torch.Tensor) 
     batch = h.shape[0]
     n_labels, fan_in = indices.shape
     h_t = h.t().to(acc).contiguous()  # [D, B]
-    g_t = grad_out.t()  # [L, B]
     grad_w = torch.empty(n_labels, fan_in, dtype=torch.promote_types(grad_out.dtype, h.dtype), device=h.device)
     for start, stop in _label_ranges(n_labels, batch, fan_in):
-        gathered = _gather(h_t, indices[start:stop])  # [Lc, K, B]
-        g = g_t[start:stop].to(acc).unsqueeze(2)  # [Lc, B, 1]
-        grad_w[start:stop] = torch.bmm(gathered, g).squeeze(2)
+        grad_w[start:stop] = _grad_weight_rows(grad_out, h_t, indices, start, stop)
     return grad_w
+
+
+def _grad_weight_rows(grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Tensor, start: int, stop: int):
+    """grad_W of labels ``[start, stop)`` from ``h_t [D, B]`` in the accumulation dtype."""
+    gathered = _gather(h_t, indices[start:stop])  # [Lc, K, B]
+    g = grad_out[:, start:stop].t().to(h_t.dtype).unsqueeze(2)  # [Lc, B, 1]
+    return torch.bmm(gathered, g).squeeze(2)
 
 
 class FixedFanInFunction(torch.autograd.Function):
@@ -136,15 +140,19 @@ class FixedFanInFunction(torch.autograd.Function):
         h, indices, weight = ctx.saved_tensors
         need_h, _, need_weight, need_bias = ctx.needs_input_grad[:4]
         grad_h = grad_input(grad_out, indices, weight, h.shape[1]).to(h.dtype) if need_h else None
-        grad_w = grad_weight(grad_out, h, indices).to(weight.dtype) if need_weight else None
         grad_b = None
         if need_bias:
             grad_b = grad_out.sum(0, dtype=accumulation_dtype(grad_out.dtype)).to(ctx.bias_dtype)
-        if ctx.weight_update is not None and grad_w is not None:
-            step, exp_avg, exp_avg_sq = ctx.weight_update.begin()
-            apply_adam_(weight, grad_w.to(UPDATE_GRAD_DTYPE), exp_avg, exp_avg_sq, step)
-            grad_w = None
-        return grad_h, None, grad_w, grad_b, None
+        if not need_weight or ctx.weight_update is None:
+            grad_w = grad_weight(grad_out, h, indices).to(weight.dtype) if need_weight else None
+            return grad_h, None, grad_w, grad_b, None
+        # The update runs chunk by chunk after grad_h (which reads the old weights), so the
+        # gradient of the whole weight never exists.
+        update = RowRangeUpdate(weight, ctx.weight_update)
+        h_t = h.t().to(accumulation_dtype(grad_out.dtype, h.dtype)).contiguous()
+        for start, stop in _label_ranges(indices.shape[0], h.shape[0], indices.shape[1]):
+            update(start, stop, _grad_weight_rows(grad_out, h_t, indices, start, stop).to(UPDATE_GRAD_DTYPE))
+        return grad_h, None, None, grad_b, None
 
 
 def fixed_fanin(

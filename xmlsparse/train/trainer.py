@@ -98,11 +98,13 @@ def train_step(
         probe.note("logits", logits)
         probe.mark("forward_and_loss")
     del logits  # the loss keeps what its backward needs; B x L logits need not outlive it
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if probe is not None:
         probe.mark("backward")
     optimizer.step()
+    # Freed now, not before the next backward: gradients kept between steps (the intermediate
+    # layer's is as large as its weight) would sit under the next forward's peak.
+    optimizer.zero_grad(set_to_none=True)
     if probe is not None:
         probe.mark("optimizer")
     return loss.detach()
