@@ -273,3 +273,15 @@ def test_sparse_topk_matches_brute_force(n_labels):
     want = brute_topk(dense, k)
     want[np.take_along_axis(dense, np.maximum(want, 0), axis=1) == -np.inf] = -1  # unstored -> padding
     np.testing.assert_array_equal(topk_from_sparse_scores(scores, k), want)
+
+
+def test_bf16_scores_rank_as_their_float32_values():
+    """Evaluation ranks bf16 logit blocks as they are (no float32 copy); bf16's many ties must
+    still go to the lower label id."""
+    gen = torch.Generator().manual_seed(4)
+    scores = torch.randn(9, 500, generator=gen).to(torch.bfloat16)
+    scores[:, 40:90] = 2.5  # a tie straddling the k-th place in every row
+    vals, ids = topk_values_and_indices(scores, 5, label_offset=7)
+    want_vals, want_ids = topk_values_and_indices(scores.float(), 5, label_offset=7)
+    assert vals.dtype == torch.bfloat16
+    assert torch.equal(ids, want_ids) and torch.equal(vals.float(), want_vals)

@@ -18,7 +18,7 @@ from xmlsparse.metrics import StreamingMetrics, merge_topk, topk_values_and_indi
 
 
 # Logits of one batch held at a time while scoring: bounds evaluation memory whatever L is.
-# 2^26 (256 MiB of fp32 logits): test evaluation at amazon-670k shape on an H100 took 7.9 s at
+# 2^26 (128 MiB of bf16 logits): test evaluation at amazon-670k shape on an H100 took 7.9 s at
 # 1.41 GiB peak, against 11.8 s at 2^25 and 6.8 s at 2.06 GiB for 2^27 (docs/benchmarks.md).
 LOGIT_ELEMENTS_PER_BLOCK = 1 << 26
 
@@ -29,12 +29,14 @@ def topk_of_batch(model: torch.nn.Module, batch: Batch, k: int) -> tuple[torch.T
     block = max(k, LOGIT_ELEMENTS_PER_BLOCK // max(1, batch.size))
     best_vals = best_ids = None
     for start, logits in model.label_blocks(batch, block):
-        vals, ids = topk_values_and_indices(logits.float(), k, label_offset=start)
+        # In the logits' own dtype: a float32 copy of a bf16 block would double its memory and
+        # rank the same values the same way.
+        vals, ids = topk_values_and_indices(logits, k, label_offset=start)
         if best_vals is None:
             best_vals, best_ids = vals, ids
         else:
             best_vals, best_ids = merge_topk(best_vals, best_ids, vals, ids, k)
-    return best_vals, best_ids
+    return best_vals.float(), best_ids
 
 
 def autocast_for(device: torch.device, precision: str) -> torch.autocast:
