@@ -231,3 +231,20 @@ def test_a_stale_by_input_index_is_freed_before_its_replacement_is_built(monkeyp
     assert old_alive_during_build == [False]
     assert ff.transposed_index(indices, 13, 8) is rebuilt  # cached again
     ff.clear_transposed_index_cache()
+
+
+def test_evaluation_mode_frees_the_by_input_index_and_training_rebuilds_it():
+    from xmlsparse.nn.sparse_linear import FixedFanInLinear
+
+    ff.clear_transposed_index_cache()
+    layer = FixedFanInLinear(17, 30, 4, impl="triton", generator=torch.Generator().manual_seed(0))
+    h = torch.randn(3, 17)
+    layer(h.clone().requires_grad_()).sum().backward()
+    assert ff.transposed_index_bytes() > 0
+    layer.eval()
+    assert ff.transposed_index_bytes() == 0
+    layer.train()
+    x = h.clone().requires_grad_()
+    layer(x).sum().backward()
+    assert ff.transposed_index_bytes() > 0 and x.grad is not None
+    ff.clear_transposed_index_cache()

@@ -159,7 +159,7 @@ def load_run(run_dir: Path, device: torch.device | None = None):
         raise XMLSparseError(f"{run_dir}: no checkpoint yet (checkpoints/{BEST} and {LAST} are missing)")
     data = prepare_data(config)
     model = model_for(config, data.train, device)
-    model.load_state_dict(load_checkpoint(checkpoint, map_location=device)["model"])
+    model.load_state_dict(load_checkpoint(checkpoint)["model"])  # read to host memory, copied into the model
     return config, data, model, device
 
 

@@ -152,7 +152,8 @@ def test_several_label_chunks_update_every_slot_once(monkeypatch):
 @pytest.mark.parametrize(
     ("impl", "batch", "strategy", "l2_bytes", "ranges"),
     [
-        ("triton", 5, "csc", None, 10),  # grad_W pass range by range
+        ("triton", 5, "csc", None, 0),  # the grad_W pass takes the step itself: no buffer
+        ("triton", 100, "csc", None, 10),  # two batch blocks: grad_W range by range
         ("triton", 130, "csc", None, 1),  # one by-input launch: all labels fit one chunk
         ("triton", 130, "csc", 4096, 13),  # by-input launches, one 3-label chunk each
         ("triton", 600, "csc", 8192, 10),  # ... with grad_W summed over batch blocks in fp32
@@ -186,7 +187,31 @@ def test_update_taken_range_by_range_equals_one_step(impl, batch, strategy, l2_b
     torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-5, atol=1e-6)
     assert fused_opt.state[fused.weight]["step"] == 1
     if ranges is not None:  # the Triton paths: each slot's gradient held once, a range at a time
-        assert len(held) == ranges and sum(held) == fused.weight.numel()
+        assert len(held) == ranges and sum(held) == (fused.weight.numel() if ranges else 0)
+
+
+@pytest.mark.parametrize("batch", [1, 40])
+def test_step_inside_the_grad_weight_pass_equals_the_buffered_one(batch, monkeypatch):
+    """Same gradient rounding, same Philox bits: the in-pass step and the buffered step agree
+    exactly, weights and both moments."""
+    from xmlsparse.ops import adam, adam_kernels
+
+    # On CPU tensors the buffered step would take the torch form (other rounding bits): the kernel.
+    monkeypatch.setattr(adam, "apply_adam_", adam_kernels.adam_step_)
+    results = []
+    for in_pass in (True, False):
+        if not in_pass:
+            monkeypatch.setattr(ff, "_grad_weight_step_fits", lambda *args: False)
+        layer, h, grad_out = head_problem(batch, "triton")
+        opt = CompactAdam(layer.parameters(), lr=0.1, weight_decay=0.01, decoupled=True, seed=5)
+        layer.update_weight_in_backward(BackwardUpdate(opt, layer.weight))
+        for _ in range(2):
+            layer(h.clone().requires_grad_()).backward(grad_out)
+            opt.step()
+        state = opt.state[layer.weight]
+        results.append((layer.weight.detach().clone(), state["exp_avg"].clone(), state["exp_avg_sq"].clone()))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
 
 
 def test_evaluation_and_no_grad_leave_the_weights_alone():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from xmlsparse.errors import XMLSparseError
-from xmlsparse.ops import IMPLS, fixed_fanin
+from xmlsparse.ops import IMPLS, fixed_fanin, release_backward_index
 from xmlsparse.ops.adam import WeightUpdate
 
 # Elements of the largest temporary block one chunk of rows may create while sampling.
@@ -166,6 +166,14 @@ class FixedFanInLinear(nn.Module):
         optimizer step: the ``[L, K]`` gradient exists only inside the backward, in bf16, and the
         optimizer step skips the weight. None restores plain gradients."""
         self.weight_update = update
+
+    def train(self, mode: bool = True) -> "FixedFanInLinear":
+        """As ``nn.Module.train``; entering evaluation also frees the by-input index copy the
+        backward keeps (as large as the index table): evaluation runs no backward, and the next
+        training step rebuilds it (milliseconds, once per evaluation)."""
+        if not mode:
+            release_backward_index(self.indices)
+        return super().train(mode)
 
     def init_bound(self) -> float:
         """Half-width of the uniform initialisation of weights and bias: ``1/sqrt(fan_in)``."""

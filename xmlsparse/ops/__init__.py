@@ -27,6 +27,15 @@ if triton_available():
     import xmlsparse.ops.fixed_fanin  # noqa: F401
 
 
+def release_backward_index(indices: torch.Tensor) -> None:
+    """Free the by-input copy of ``indices`` that the Triton backward keeps between steps (rebuilt
+    by the next backward that needs it)."""
+    if triton_available():
+        from xmlsparse.ops.fixed_fanin import drop_transposed_index
+
+        drop_transposed_index(indices)
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     """Map ``auto`` to the implementation used on ``device``; validate explicit choices."""
     if impl not in IMPLS:

@@ -47,6 +47,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from xmlsparse.ops.adam import UPDATE_GRAD_DTYPE, RowRangeUpdate, WeightUpdate
+from xmlsparse.ops.adam_kernels import adam_math, store_adam_state
 
 GRAD_INPUT_STRATEGIES = ("csc", "atomic")
 # Backward (grad_h + grad_W + grad_bias) on one H100, L=670,091, D=65,536, bf16 (docs/benchmarks.md):
@@ -61,8 +62,8 @@ DEFAULT_GRAD_INPUT_STRATEGY = "csc"
 FUSED_MIN_BATCH = 128
 # Slots of the bf16 weight gradient that a backward taking the Adam step holds at once: the step
 # runs over label ranges, each right after its gradient is computed, so that the gradient of the
-# whole head never exists (amazon-3m shape, K = 96: 16 MiB instead of 515 MiB).
-UPDATE_RANGE_SLOTS = 1 << 23
+# whole head never exists (amazon-3m shape, K = 96: 32 MiB instead of 515 MiB).
+UPDATE_RANGE_SLOTS = 1 << 24
 # Share of the L2 cache one label chunk of the by-input grad_input pass may fill with its
 # grad_out^T rows and weights (the rest holds the [D, B] accumulator and streamed indices).
 CSC_L2_SHARE = 0.5
@@ -120,11 +121,16 @@ def _forward_kernel(
 @triton.jit
 def _grad_weight_kernel(
     ht_ptr, ldh, g_ptr, stride_gb, stride_gl, idx_ptr, gw_ptr, gb_ptr, B, B_LOAD, L, K, accumulate,
-    HAS_BIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    w_ptr, m_ptr, v_ptr, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, seed,
+    HAS_BIAS: tl.constexpr, UPDATE: tl.constexpr, DECOUPLED: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     # Batch blocks outer, slot blocks inner: each grad_out tile is loaded once; with more than one
     # batch block (or ``accumulate``: an earlier launch did other columns) the partial sums go
-    # through gw_ptr (float32 then), owned by this program alone.
+    # through gw_ptr (float32 then), owned by this program alone. With UPDATE (one batch block, so
+    # each tile's gradient is final) the tile takes its Adam step at once, from the gradient
+    # rounded to bf16 as the buffered update would read it, with the same rounding bits (Philox
+    # counter = slot): no gradient is stored at all.
     pid_l = tl.program_id(0)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_l = offs_l < L
@@ -146,9 +152,18 @@ def _grad_weight_kernel(
             src = ht_ptr + (idx.to(tl.int64) * ldh)[:, :, None] + offs_b[None, None, :]
             x = tl.load(src, mask=mask_lk[:, :, None] & mask_b_load[None, None, :], other=0.0)
             part = tl.sum(x.to(tl.float32) * g[:, None, :], axis=2)
-            carried = (offs_k * 0 + b0 + accumulate > 0)[None, :]  # earlier batch columns to add to
-            part += tl.load(gw_ptr + slot, mask=mask_lk & carried, other=0.0).to(tl.float32)
-            tl.store(gw_ptr + slot, part.to(gw_ptr.dtype.element_ty), mask=mask_lk)
+            if UPDATE:
+                grad = part.to(tl.bfloat16).to(tl.float32)
+                w = tl.load(w_ptr + slot, mask=mask_lk, other=0.0).to(tl.float32)
+                m = tl.load(m_ptr + slot, mask=mask_lk, other=0.0).to(tl.float32)
+                v = tl.load(v_ptr + slot, mask=mask_lk, other=0.0).to(tl.float32)
+                w, m, v = adam_math(w, grad, m, v, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt,
+                                    DECOUPLED)
+                store_adam_state(w_ptr, m_ptr, v_ptr, slot, mask_lk, w, m, v, seed, slot)
+            else:
+                carried = (offs_k * 0 + b0 + accumulate > 0)[None, :]  # earlier batch columns to add to
+                part += tl.load(gw_ptr + slot, mask=mask_lk & carried, other=0.0).to(tl.float32)
+                tl.store(gw_ptr + slot, part.to(gw_ptr.dtype.element_ty), mask=mask_lk)
     if HAS_BIAS:
         gb_acc += tl.load(gb_ptr + offs_l, mask=mask_l & (offs_l * 0 + accumulate > 0), other=0.0).to(tl.float32)
         tl.store(gb_ptr + offs_l, gb_acc.to(gb_ptr.dtype.element_ty), mask=mask_l)
@@ -434,7 +449,8 @@ def _grad_weight_t(grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Ten
         _grad_weight_kernel[grid](
             h_t[:, c0:], ldh, grad_out[c0:], grad_out.stride(0), grad_out.stride(1), indices, target,
             bias_target if bias_target is not None else target, cols, min(span, ldh - c0), n_labels, fan_in,
-            int(c0 > 0), HAS_BIAS=grad_bias is not None, BLOCK_L=blk.block_l, BLOCK_K=blk.block_k,
+            int(c0 > 0), target, target, target, *_NO_ADAM_SCALARS, HAS_BIAS=grad_bias is not None,
+            UPDATE=False, DECOUPLED=False, BLOCK_L=blk.block_l, BLOCK_K=blk.block_k,
             BLOCK_B=blk.block_b, num_warps=blk.num_warps,
         )
     if target is not out:
@@ -442,6 +458,39 @@ def _grad_weight_t(grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Ten
     if bias_target is not grad_bias:
         grad_bias.copy_(bias_target)
     return out
+
+
+# Placeholders for the Adam arguments of the grad_weight kernel when it takes no step.
+_NO_ADAM_SCALARS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0)
+
+
+def _grad_weight_step_fits(batch: int, h_t: torch.Tensor, fan_in: int) -> bool:
+    """True when one grad_weight launch with one batch block covers the batch, so that each tile's
+    gradient is final where it is computed and the Adam step can be taken there."""
+    blk = grad_weight_blocks(h_t.shape[1], fan_in)
+    return 0 < batch <= blk.block_b and h_t.numel() * h_t.element_size() <= _l2_bytes(h_t.device) * HOT_L2_SHARE
+
+
+def _grad_weight_step_t(grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Tensor,
+                        grad_bias: torch.Tensor | None, update: RowRangeUpdate) -> None:
+    """grad_W and the weight's Adam step in one pass (``_grad_weight_step_fits`` must hold)."""
+    batch, n_labels = grad_out.shape
+    fan_in = indices.shape[1]
+    if n_labels == 0 or fan_in == 0:
+        if grad_bias is not None:
+            grad_bias.copy_(grad_out.sum(0, dtype=torch.float32))
+        return
+    ldh = h_t.shape[1]
+    blk = grad_weight_blocks(ldh, fan_in)
+    step, weight = update.step, update.weight
+    _grad_weight_kernel[(triton.cdiv(n_labels, blk.block_l),)](
+        h_t, ldh, grad_out, grad_out.stride(0), grad_out.stride(1), indices, weight,
+        grad_bias if grad_bias is not None else weight, batch, ldh, n_labels, fan_in, 0,
+        weight, update.exp_avg, update.exp_avg_sq, step.lr, step.beta1, step.beta2, step.eps, step.weight_decay,
+        step.step_size, step.bias_correction2_sqrt, step.seed,
+        HAS_BIAS=grad_bias is not None, UPDATE=True, DECOUPLED=step.decoupled,
+        BLOCK_L=blk.block_l, BLOCK_K=blk.block_k, BLOCK_B=blk.block_b, num_warps=blk.num_warps,
+    )
 
 
 def _grad_input_atomic(grad_out: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, n_inputs: int,
@@ -578,6 +627,12 @@ _CACHE_ENTRIES = 8
 def clear_transposed_index_cache() -> None:
     """Drop every cached by-input index (they are rebuilt on demand)."""
     _TRANSPOSED_CACHE.clear()
+
+
+def drop_transposed_index(indices: torch.Tensor) -> None:
+    """Free the cached by-input index of ``indices`` (a backward rebuilds it on demand)."""
+    for key in [k for k, (ref, _, _) in _TRANSPOSED_CACHE.items() if ref() is indices]:
+        del _TRANSPOSED_CACHE[key]
 
 
 def transposed_index_bytes() -> int:
@@ -795,11 +850,12 @@ def backward(grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Tensor, w
              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``(grad_h, grad_W, grad_bias)`` from ``grad_out [B, L]`` and the forward's ``h^T``
     (``transpose_padded(h)``); ``bias_dtype=None`` skips the bias gradient. With ``weight_update``
-    the weight takes its Adam step here and grad_W comes back None: grad_W is computed label range
-    by label range into a bf16 buffer of ``UPDATE_RANGE_SLOTS`` slots, read by the Adam kernel
-    right away (the whole fp32 gradient an optimizer step needs never exists). (Adam inside the
-    by-input pass itself stored no gradient at all but was measured 2x slower: its weight and
-    moment accesses follow the by-input order, scattered.)"""
+    the weight takes its Adam step here and grad_W comes back None. When one batch block covers the
+    batch, the grad_weight pass takes the step on each tile it computes (no gradient stored);
+    otherwise grad_W is computed label range by label range into a bf16 buffer of at most
+    ``UPDATE_RANGE_SLOTS`` slots (or one by-input label chunk), read by the Adam kernel right away.
+    Either way the whole gradient an optimizer step needs never exists. (Adam inside the by-input
+    pass was measured 2x slower: there the weight and moment accesses are scattered.)"""
     batch, n_labels = grad_out.shape
     fan_in = indices.shape[1]
     device = grad_out.device
@@ -819,8 +875,10 @@ def backward(grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Tensor, w
     else:
         if need_h:
             _grad_input_csc(grad_out, indices, weight, n_inputs, grad_h)
-        if need_weight:
+        if update is not None and _grad_weight_step_fits(batch, h_t, fan_in):
             # After grad_h, which reads the weights before the update.
+            _grad_weight_step_t(grad_out, h_t, indices, grad_b, update)
+        elif need_weight:
             for start, stop in _label_ranges(n_labels, fan_in, update):
                 rows = slice(start, stop)
                 gw = grad_w if update is None else _update_grad(stop - start, fan_in, device)

@@ -142,6 +142,8 @@ class Trainer:
         self.epoch_stats = {"loss_sum": 0.0, "batches": 0, "rewired": 0.0, "seconds": 0.0, "samples": 0}
         self._stop_requested = False
         self.step_memory = StepMemory(device)
+        # State by part when the probed step ran (evaluation frees the by-input index later on).
+        self.step_state: dict[str, int] | None = None
 
     def _build_rewirer(self) -> Rewirer | None:
         rewire = self.config.model.rewire
@@ -182,7 +184,9 @@ class Trainer:
         }
 
     def restore(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location=self.device)
+        # Read to host memory, then copied into the live tensors: loaded straight to the device the
+        # checkpoint would sit beside the model and optimizer state it is copied into.
+        state = load_checkpoint(path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -229,6 +233,8 @@ class Trainer:
             # The run's second step (the first has made the optimizer state) is measured phase by phase.
             probe = self.step_memory if self.step == 1 and self.device.type == "cuda" else None
             loss = train_step(self.model, batch, self.loss, self.optimizer, self.device, self.precision, probe)
+            if probe is not None:
+                self.step_state = state_bytes(self.model, self.optimizer)
             self.schedule.after_step()
             self.step += 1
             self.batch_in_epoch += 1
@@ -330,7 +336,7 @@ class Trainer:
         """Evaluate the best checkpoint on the test split and write ``final.json``."""
         best = self.checkpoint_dir / BEST
         if best.exists():
-            self.model.load_state_dict(load_checkpoint(best, map_location=self.device)["model"])
+            self.model.load_state_dict(load_checkpoint(best)["model"])  # via host memory, as in restore
         config = self.config
         test = evaluate(
             self.model, self.data.test, config.eval.k, config.train.eval_batch_size, self.device,
@@ -343,7 +349,7 @@ class Trainer:
             "best_validation": {config.train.early_stopping.metric: self.best_score},
             "test": test,
             "memory": {
-                **state_bytes(self.model, self.optimizer),
+                **(self.step_state or state_bytes(self.model, self.optimizer)),
                 "optimizer_state": optimizer_state_bytes(self.optimizer),
                 "step": self.step_memory.report,
             },
