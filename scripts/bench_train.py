@@ -60,6 +60,7 @@ def _timed_step(model, batch, loss, optimizer, events):
     (grad_logits,) = torch.autograd.grad(value, logits)
     events[3].record()
     logits.backward(grad_logits)
+    del logits, grad_logits, value  # as in train_step: the logits do not outlive the head's backward
     events[4].record()
     if h.requires_grad:  # features straight into the head have no layers below it to train
         h.backward(h_in.grad)

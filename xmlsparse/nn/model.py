@@ -70,6 +70,9 @@ class XMCModel(nn.Module):
         head = self.head
         if isinstance(head, nn.Sequential):  # bottleneck: the low-rank part once, then label slices
             h, head = head[:-1](h), head[-1]
+        # Under autocast, the bf16 copies of the layers below (the intermediate weight: 96 MiB at
+        # 65,536 x 768) are cached until the autocast region ends; no label block needs them.
+        torch.clear_autocast_cache()
         n_labels = head.out_features
         for start in range(0, n_labels, block):
             stop = min(start + block, n_labels)
