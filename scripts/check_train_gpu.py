@@ -1,7 +1,8 @@
 """Check the training step's fused pieces on a CUDA device at Amazon-670K shapes.
 
-* the bf16-moment Adam kernel against its torch form (weights to float32 accuracy, each moment on
-  one of the two bf16 values around the exact result);
+* the bf16-moment Adam kernel against its torch form (weights to float32 accuracy) and both
+  forms' moments against the exact float64 ones (within one bf16 step, plus the float32 rounding
+  of the moment's two products);
 * the head's Adam step inside its backward against a plain backward + ``CompactAdam.step`` on the
   same bf16-rounded gradient, at batches 32, 128 and 600 (each a different grad_W path): grad_h,
   and the weight update relative to its size;

@@ -132,4 +132,3 @@ class RowRangeUpdate:
         rows = slice(start, stop)
         apply_adam_(self.weight[rows], grad, self.exp_avg[rows], self.exp_avg_sq[rows], self.step,
                     offset=start * self.weight.shape[1])
-

@@ -116,7 +116,9 @@ def grad_weight(grad_out: torch.Tensor, h: torch.Tensor, indices: torch.Tensor) 
     return grad_w
 
 
-def _grad_weight_rows(grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Tensor, start: int, stop: int):
+def _grad_weight_rows(
+    grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Tensor, start: int, stop: int
+) -> torch.Tensor:
     """grad_W of labels ``[start, stop)`` from ``h_t [D, B]`` in the accumulation dtype."""
     gathered = _gather(h_t, indices[start:stop])  # [Lc, K, B]
     g = grad_out[:, start:stop].t().to(h_t.dtype).unsqueeze(2)  # [Lc, B, 1]
