@@ -132,19 +132,27 @@ def test_head_update_in_backward_equals_a_plain_step(impl, batch, strategy, monk
     assert fused_opt.state[fused.weight]["step"] == 3
 
 
-def test_several_label_chunks_update_every_slot_once(monkeypatch):
-    """An L2 this small cuts the labels into chunks for the by-input pass."""
-    monkeypatch.setattr(ff, "DEFAULT_L2_BYTES", 2048)
-    ff.clear_transposed_index_cache()
-    fused, h, grad_out = head_problem(4, "triton", n_labels=50)
+def step_with_and_without_update_in_backward(fused, h, grad_out):
+    """One step of ``fused`` with its Adam step in its backward, and of a plain copy (backward, then
+    ``CompactAdam.step`` on the gradient rounded to bf16, as the backward's update reads it);
+    returns the fused layer's optimizer and the plain copy."""
     plain = copy.deepcopy(fused)
     fused_opt, plain_opt = CompactAdam(fused.parameters(), lr=0.1), CompactAdam(plain.parameters(), lr=0.1)
     fused.update_weight_in_backward(BackwardUpdate(fused_opt, fused.weight))
     for layer, opt in ((fused, fused_opt), (plain, plain_opt)):
         layer(h.clone().requires_grad_()).backward(grad_out)
         if layer.weight.grad is not None:
-            layer.weight.grad.copy_(layer.weight.grad.to(torch.bfloat16))  # as the backward's update reads it
+            layer.weight.grad.copy_(layer.weight.grad.to(torch.bfloat16))
         opt.step()
+    return fused_opt, plain
+
+
+def test_several_label_chunks_update_every_slot_once(monkeypatch):
+    """An L2 this small cuts the labels into chunks for the by-input pass."""
+    monkeypatch.setattr(ff, "DEFAULT_L2_BYTES", 2048)
+    ff.clear_transposed_index_cache()
+    fused, h, grad_out = head_problem(4, "triton", n_labels=50)
+    _, plain = step_with_and_without_update_in_backward(fused, h, grad_out)
     ff.clear_transposed_index_cache()
     torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-5, atol=1e-6)
 
@@ -175,14 +183,7 @@ def test_update_taken_range_by_range_equals_one_step(impl, batch, strategy, l2_b
     monkeypatch.setattr(ff, "_update_grad", lambda n, k, device: held.append(n * k) or make(n, k, device))
     ff.clear_transposed_index_cache()
     fused, h, grad_out = head_problem(batch, impl)
-    plain = copy.deepcopy(fused)
-    fused_opt, plain_opt = CompactAdam(fused.parameters(), lr=0.1), CompactAdam(plain.parameters(), lr=0.1)
-    fused.update_weight_in_backward(BackwardUpdate(fused_opt, fused.weight))
-    for layer, opt in ((fused, fused_opt), (plain, plain_opt)):
-        layer(h.clone().requires_grad_()).backward(grad_out)
-        if layer.weight.grad is not None:
-            layer.weight.grad.copy_(layer.weight.grad.to(torch.bfloat16))  # as the backward's update reads it
-        opt.step()
+    fused_opt, plain = step_with_and_without_update_in_backward(fused, h, grad_out)
     ff.clear_transposed_index_cache()
     torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-5, atol=1e-6)
     assert fused_opt.state[fused.weight]["step"] == 1

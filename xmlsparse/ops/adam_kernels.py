@@ -52,16 +52,25 @@ def store_adam_state(w_ptr, m_ptr, v_ptr, offs, mask, w, m, v, seed, counter):
 
 
 @triton.jit
+def adam_update(w_ptr, m_ptr, v_ptr, offs, mask, g, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, seed,
+                counter, DECOUPLED: tl.constexpr):
+    """One Adam step of the elements at ``offs`` with their float32 gradient tile ``g``: load the
+    weight and moments, update them, store them (``store_adam_state``, bits keyed by ``counter``)."""
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w, m, v = adam_math(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, DECOUPLED)
+    store_adam_state(w_ptr, m_ptr, v_ptr, offs, mask, w, m, v, seed, counter)
+
+
+@triton.jit
 def _adam_kernel(w_ptr, g_ptr, m_ptr, v_ptr, n, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, seed,
                  offset, DECOUPLED: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w, m, v = adam_math(w, g, m, v, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, DECOUPLED)
-    store_adam_state(w_ptr, m_ptr, v_ptr, offs, mask, w, m, v, seed, offs + offset)
+    adam_update(w_ptr, m_ptr, v_ptr, offs, mask, g, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, seed,
+                offs + offset, DECOUPLED)
 
 
 def adam_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

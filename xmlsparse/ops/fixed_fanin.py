@@ -47,7 +47,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from xmlsparse.ops.adam import UPDATE_GRAD_DTYPE, RowRangeUpdate, WeightUpdate
-from xmlsparse.ops.adam_kernels import adam_math, store_adam_state
+from xmlsparse.ops.adam_kernels import adam_update
 
 GRAD_INPUT_STRATEGIES = ("csc", "atomic")
 # Backward (grad_h + grad_W + grad_bias) on one H100, L=670,091, D=65,536, bf16 (docs/benchmarks.md):
@@ -119,6 +119,13 @@ def _forward_kernel(
 
 
 @triton.jit
+def _grad_out_tile(g_ptr, stride_gb, stride_gl, offs_l, offs_b, mask_l, mask_b):
+    """The float32 ``[labels, batch]`` tile of ``grad_out`` (any strides) at ``offs_l`` x ``offs_b``."""
+    src = g_ptr + offs_b.to(tl.int64)[None, :] * stride_gb + offs_l.to(tl.int64)[:, None] * stride_gl
+    return tl.load(src, mask=mask_l[:, None] & mask_b[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _grad_weight_kernel(
     ht_ptr, ldh, g_ptr, stride_gb, stride_gl, idx_ptr, gw_ptr, gb_ptr, B, B_LOAD, L, K, accumulate,
     w_ptr, m_ptr, v_ptr, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt, seed,
@@ -139,8 +146,7 @@ def _grad_weight_kernel(
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < B
-        g_src = g_ptr + offs_b.to(tl.int64)[None, :] * stride_gb + offs_l.to(tl.int64)[:, None] * stride_gl
-        g = tl.load(g_src, mask=mask_l[:, None] & mask_b[None, :], other=0.0).to(tl.float32)
+        g = _grad_out_tile(g_ptr, stride_gb, stride_gl, offs_l, offs_b, mask_l, mask_b)
         if HAS_BIAS:
             gb_acc += tl.sum(g, axis=1)
         mask_b_load = offs_b < B_LOAD
@@ -154,12 +160,8 @@ def _grad_weight_kernel(
             part = tl.sum(x.to(tl.float32) * g[:, None, :], axis=2)
             if UPDATE:
                 grad = part.to(tl.bfloat16).to(tl.float32)
-                w = tl.load(w_ptr + slot, mask=mask_lk, other=0.0).to(tl.float32)
-                m = tl.load(m_ptr + slot, mask=mask_lk, other=0.0).to(tl.float32)
-                v = tl.load(v_ptr + slot, mask=mask_lk, other=0.0).to(tl.float32)
-                w, m, v = adam_math(w, grad, m, v, lr, beta1, beta2, eps, weight_decay, step_size, bc2_sqrt,
-                                    DECOUPLED)
-                store_adam_state(w_ptr, m_ptr, v_ptr, slot, mask_lk, w, m, v, seed, slot)
+                adam_update(w_ptr, m_ptr, v_ptr, slot, mask_lk, grad, lr, beta1, beta2, eps, weight_decay,
+                            step_size, bc2_sqrt, seed, slot, DECOUPLED)
             else:
                 carried = (offs_k * 0 + b0 + accumulate > 0)[None, :]  # earlier batch columns to add to
                 part += tl.load(gw_ptr + slot, mask=mask_lk & carried, other=0.0).to(tl.float32)
@@ -186,8 +188,7 @@ def _backward_atomic_kernel(
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < B
-        g_src = g_ptr + offs_b.to(tl.int64)[None, :] * stride_gb + offs_l.to(tl.int64)[:, None] * stride_gl
-        g = tl.load(g_src, mask=mask_l[:, None] & mask_b[None, :], other=0.0).to(tl.float32)
+        g = _grad_out_tile(g_ptr, stride_gb, stride_gl, offs_l, offs_b, mask_l, mask_b)
         if HAS_BIAS:
             gb_acc += tl.sum(g, axis=1)
         for k0 in range(0, K, BLOCK_K):
