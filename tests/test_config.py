@@ -102,3 +102,16 @@ def test_schedule_metric_must_be_reported(tmp_path):
     with pytest.raises(XMLSparseError, match=r"did you mean 'nDCG@5'"):
         load_config(path)
     assert load_config(path, ["train.schedule.metric=PSP@5"]).train.schedule.metric == "PSP@5"
+
+
+def test_checkpoint_intervals_must_be_positive(tmp_path):
+    path = write(tmp_path / "c.yaml", "train: {checkpoint: {every_epochs: 3, every_minutes: 30}}\n")
+    checkpoint = load_config(path).train.checkpoint
+    assert (checkpoint.every_epochs, checkpoint.every_minutes, checkpoint.background) == (3, 30.0, True)
+    with pytest.raises(XMLSparseError, match=r"train.checkpoint.every_epochs = 0: expected a positive number"):
+        load_config(path, ["train.checkpoint.every_epochs=0"])
+    with pytest.raises(XMLSparseError, match=r"train.checkpoint.every_minutes = -1.0: expected a positive number"):
+        load_config(path, ["train.checkpoint.every_minutes=-1"])
+    with pytest.raises(XMLSparseError, match=r"train.checkpoint.background = 'sometimes': expected bool"):
+        load_config(path, ["train.checkpoint.background=sometimes"])
+    assert load_config(path, ["train.checkpoint.every_minutes=null"]).train.checkpoint.every_minutes is None

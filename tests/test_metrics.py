@@ -7,7 +7,10 @@ import torch
 
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.metrics import (
+    FrequencyBucketMetrics,
     StreamingMetrics,
+    bucket_names,
+    frequency_buckets,
     inverse_propensity,
     label_frequencies,
     merge_topk,
@@ -285,3 +288,167 @@ def test_bf16_scores_rank_as_their_float32_values():
     want_vals, want_ids = topk_values_and_indices(scores.float(), 5, label_offset=7)
     assert vals.dtype == torch.bfloat16
     assert torch.equal(ids, want_ids) and torch.equal(vals.float(), want_vals)
+
+
+# ----------------------------------------------------------------------------- by label frequency
+
+
+def test_frequency_buckets_hand_case():
+    # Frequencies of 8 labels, 16 occurrences, cut in 3 parts at 16/3 and 32/3. Laid out most
+    # frequent first, label 0 covers [0, 6) (midpoint 3: head), labels 2 and 3 together [6, 12)
+    # (midpoint 9: torso), labels 4..7 [12, 16) (midpoint 14: tail); label 1 is never seen: tail.
+    freq = np.array([6, 0, 3, 3, 1, 1, 1, 1])
+    np.testing.assert_array_equal(frequency_buckets(freq, 3), [0, 2, 1, 1, 2, 2, 2, 2])
+    np.testing.assert_array_equal(frequency_buckets(freq, 1), np.zeros(8))
+    # Two parts cut at 8: midpoints 3 -> head, 9 and 14 -> tail.
+    np.testing.assert_array_equal(frequency_buckets(freq, 2), [0, 1, 1, 1, 1, 1, 1, 1])
+    # Four labels of one frequency cover [0, 4) together; their midpoint 2 lies exactly on the cut
+    # of two parts, which belongs to the later part (the head stays empty).
+    np.testing.assert_array_equal(frequency_buckets(np.array([1, 1, 1, 1]), 2), [1, 1, 1, 1])
+    # No training occurrences at all: every label is in the tail.
+    np.testing.assert_array_equal(frequency_buckets(np.zeros(4, dtype=np.int64), 3), [2, 2, 2, 2])
+    assert bucket_names(1) == ["all"] and bucket_names(2) == ["head", "tail"]
+    assert bucket_names(3) == ["head", "torso", "tail"]
+    assert bucket_names(4) == ["head", "torso-1", "torso-2", "tail"]
+
+
+def test_frequency_bucket_metrics_hand_case():
+    topk, truth, q = _hand_case()
+    # 12 occurrences: label 0 (5) covers [0, 5) -> head; label 2 (3) [5, 8), midpoint 6.5 -> torso;
+    # label 5 (2) [8, 10) and labels 3, 4 (1 each) [10, 12) -> tail; label 1 (never seen) -> tail.
+    freq = np.array([5, 0, 3, 1, 1, 2])
+    m = FrequencyBucketMetrics(freq, 3, ks=(1, 3), inv_propensity=q)
+    m.update(topk, truth)
+    head, torso, tail = m.compute()
+    # Hits: point 0 hits label 2 (torso) at rank 1 and label 0 (head) at rank 3; point 2 hits labels
+    # 4 and 3 (tail) at ranks 1 and 2. Best q: top 1 -> 1.5 + 3 = 4.5; top 3 -> (2.5 + 6) / 3.
+    assert head == pytest.approx({
+        "bucket": "head", "labels": 1, "freq_min": 5, "freq_max": 5, "train_share": 5 / 12, "points": 1,
+        "P@1": 0.0, "P@3": 1 / 9, "PSP@1": 0.0, "PSP@3": 1 / 8.5, "R@1": 0.0, "R@3": 1.0,
+    })
+    assert torso == pytest.approx({
+        "bucket": "torso", "labels": 1, "freq_min": 3, "freq_max": 3, "train_share": 3 / 12, "points": 1,
+        "P@1": 1 / 3, "P@3": 1 / 9, "PSP@1": 1.5 / 4.5, "PSP@3": 1.5 / 8.5, "R@1": 1.0, "R@3": 1.0,
+    })
+    assert tail == pytest.approx({
+        "bucket": "tail", "labels": 4, "freq_min": 0, "freq_max": 2, "train_share": 4 / 12, "points": 1,
+        "P@1": 1 / 3, "P@3": 2 / 9, "PSP@1": 1 / 4.5, "PSP@3": 4 / 8.5, "R@1": 1 / 3, "R@3": 2 / 3,
+    })
+
+
+def test_frequency_bucket_metrics_empty_bucket_and_no_propensities():
+    # One frequency holds all the occurrences: its midpoint (1/2) puts it in the torso of three
+    # parts, the head stays empty; R@k is undefined where no point has a true label.
+    m = FrequencyBucketMetrics(np.array([4, 4, 0]), 3, ks=(1,))
+    m.update(np.array([[0], [2]]), sp.csr_matrix(np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])))
+    head, torso, tail = m.compute()
+    assert head == {"bucket": "head", "labels": 0, "freq_min": None, "freq_max": None, "train_share": 0.0,
+                    "points": 0, "P@1": 0.0, "R@1": None}
+    assert torso["labels"] == 2 and torso["P@1"] == 0.5 and torso["R@1"] == 1.0
+    assert tail["labels"] == 1 and tail["P@1"] == 0.0 and tail["R@1"] is None and "PSP@1" not in tail
+
+
+def test_frequency_bucket_bad_inputs_raise():
+    truth = sp.csr_matrix(np.eye(3))
+    with pytest.raises(XMLSparseError, match="label frequencies cover 2 labels"):
+        FrequencyBucketMetrics(np.ones(2, dtype=np.int64)).update(np.zeros((3, 1), dtype=np.int64), truth)
+    with pytest.raises(XMLSparseError, match="positive number of buckets"):
+        FrequencyBucketMetrics(np.ones(3, dtype=np.int64), 0)
+    for freq in (np.array([1, -1, 2]), np.array([1.0, 2.0]), np.ones((2, 2), dtype=np.int64)):
+        with pytest.raises(XMLSparseError, match="non-negative integer counts"):
+            frequency_buckets(freq, 3)
+    m = FrequencyBucketMetrics(np.ones(3, dtype=np.int64))
+    with pytest.raises(XMLSparseError, match="label ids"):
+        m.update(np.array([[0], [3], [1]]), truth)
+    with pytest.raises(XMLSparseError, match="no points"):
+        m.compute()
+
+
+def brute_buckets(freq: np.ndarray, n_buckets: int) -> np.ndarray:
+    """Each label's bucket straight from the rule: the part of [0, total) holding the midpoint of
+    the occurrences of all labels of its frequency, laid out most frequent first."""
+    total = freq.sum()
+    out = np.full(freq.shape[0], n_buckets - 1)
+    for label, f in enumerate(freq):
+        if f == 0 or total == 0:
+            continue
+        above = freq[freq > f].sum()
+        midpoint = above + freq[freq == f].sum() / 2
+        out[label] = min(n_buckets - 1, math.floor(n_buckets * midpoint / total))
+    return out
+
+
+def brute_bucket_metrics(
+    topk: np.ndarray, relevant: np.ndarray, q: np.ndarray, bucket: np.ndarray, n_buckets: int
+) -> list[dict[str, float | None]]:
+    """Per-bucket P@k, PSP@k and R@k from the definitions, one point at a time, in float64."""
+    n = relevant.shape[0]
+    rows = []
+    for b in range(n_buckets):
+        row: dict[str, float | None] = {}
+        for k in KS:
+            p = psp = psp_den = rec = 0.0
+            with_labels = 0
+            for i in range(n):
+                true = [label for label in range(relevant.shape[1]) if relevant[i, label]]
+                preds = [label for label in topk[i, :k] if label >= 0]
+                hits_b = [label for label in preds if label in true and bucket[label] == b]
+                true_b = [label for label in true if bucket[label] == b]
+                p += len(hits_b) / k
+                psp += sum(q[label] for label in hits_b) / k
+                psp_den += sum(sorted((q[label] for label in true), reverse=True)[:k]) / k
+                if true_b:
+                    with_labels += 1
+                    rec += len(hits_b) / len(true_b)
+            row[f"P@{k}"] = p / n
+            row[f"PSP@{k}"] = psp / psp_den if psp_den else 0.0
+            row[f"R@{k}"] = rec / with_labels if with_labels else None
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("n", [1, 9, 120])
+@pytest.mark.parametrize("n_labels", [3, 40, 400])
+@pytest.mark.parametrize("n_buckets", [1, 3, 5])
+def test_frequency_bucket_metrics_match_brute_force_and_sum_to_overall(n, n_labels, n_buckets):
+    rng = np.random.default_rng(100_000 * n_buckets + 1000 * n + n_labels)
+    train = sp.csr_matrix(rng.random((300, n_labels)) < rng.power(0.3, n_labels))  # skewed frequencies
+    truth, relevant = random_truth(rng, n, n_labels)
+    # The test set's most common label was never seen in training; it is predicted first wherever
+    # it is relevant (a hit) and for every third point (a miss where it is not).
+    unseen = int(np.argmax(relevant.sum(axis=0)))
+    freq = label_frequencies(train)
+    freq[unseen] = 0
+    q = inverse_propensity(freq, 300, 0.55, 1.5)
+    scores = np.round(rng.random((n, n_labels)), 1)
+    scores[relevant[:, unseen] | (np.arange(n) % 3 == 0), unseen] = 2.0
+    topk = brute_topk(scores, 6)  # wider than the largest k; 3 labels leave padding slots
+    topk[rng.random(n) < 0.3, 3:] = -1  # points with fewer predictions than k
+
+    bucket = frequency_buckets(freq, n_buckets)
+    np.testing.assert_array_equal(bucket, brute_buckets(freq, n_buckets))
+    assert bucket[unseen] == n_buckets - 1
+
+    by_freq = FrequencyBucketMetrics(freq, n_buckets, ks=KS, inv_propensity=q)
+    overall = StreamingMetrics(ks=KS, inv_propensity=q)
+    bounds = np.unique(np.concatenate([[0, n], rng.integers(0, n + 1, size=3)]))
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        by_freq.update(topk[start:end], truth[start:end])
+        overall.update(topk[start:end], truth[start:end])
+    rows, whole = by_freq.compute(), overall.compute()
+    want = brute_bucket_metrics(topk, relevant, q, bucket, n_buckets)
+
+    assert [row["bucket"] for row in rows] == bucket_names(n_buckets)
+    assert sum(row["labels"] for row in rows) == n_labels
+    assert sum(row["train_share"] for row in rows) == pytest.approx(1.0)
+    for b, (row, expected) in enumerate(zip(rows, want)):
+        in_bucket = freq[bucket == b]
+        assert row["labels"] == in_bucket.size
+        if in_bucket.size:
+            assert (row["freq_min"], row["freq_max"]) == (in_bucket.min(), in_bucket.max())
+        assert row["points"] == sum(relevant[i, bucket == b].any() for i in range(n))
+        for key, value in expected.items():
+            assert row[key] == (None if value is None else pytest.approx(value, abs=1e-12)), (b, key)
+    for k in KS:
+        assert sum(row[f"P@{k}"] for row in rows) == pytest.approx(whole[f"P@{k}"], abs=1e-12)
+        assert sum(row[f"PSP@{k}"] for row in rows) == pytest.approx(whole[f"PSP@{k}"], abs=1e-12)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Iterator
@@ -11,13 +12,19 @@ from typing import IO, Union
 
 PathLike = Union[str, os.PathLike]
 
+_PARTIAL_SUFFIX = ".tmp"
+
+
+def _partial_prefix(path: Path) -> str:
+    return f".{path.name}."
+
 
 @contextlib.contextmanager
 def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path`` (``mode`` "wb" or "w"); it replaces ``path`` only once
     the block ends without an exception, after an fsync, so a crash leaves the old file intact."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_partial_prefix(path), suffix=_PARTIAL_SUFFIX)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
@@ -29,3 +36,15 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_partial_writes(path: PathLike) -> list[Path]:
+    """Delete the temporary files that writes of ``path`` killed before their rename left beside it
+    (a killed checkpoint write leaves one as large as the checkpoint); returns the deleted paths."""
+    path = Path(path)
+    removed = []
+    for partial in path.parent.glob(f"{glob.escape(_partial_prefix(path))}*{_PARTIAL_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+            removed.append(partial)
+    return removed

@@ -58,6 +58,17 @@ def _print_metrics(metrics: dict[str, float]) -> None:
         typer.echo(f"{name:<9}" + "".join(f"{100 * row[k]:>9.2f}" if k in row else f"{'':>9}" for k in ks))
 
 
+def _print_frequency_table(rows: list[dict[str, Any]]) -> None:
+    """P@k and PSP@k x100 by training label-frequency bucket, one row per bucket, head first."""
+    columns = [key for key in rows[0] if key.startswith(("P@", "PSP@"))]
+    typer.echo("by training label frequency (buckets of about equal label mass; P and PSP sum to the overall):")
+    typer.echo(f"{'bucket':<9}{'labels':>8}{'freq range':>14}" + "".join(f"{key:>9}" for key in columns))
+    for row in rows:
+        freq_range = f"{row['freq_min']}-{row['freq_max']}" if row["labels"] else "-"
+        typer.echo(f"{row['bucket']:<9}{row['labels']:>8}{freq_range:>14}"
+                   + "".join(f"{100 * row[key]:>9.2f}" for key in columns))
+
+
 @app.command()
 @one_line_errors
 def datasets(root: Path = typer.Option(Path("data"), help="Dataset root folder.")) -> None:
@@ -160,10 +171,17 @@ def eval_command(
     train_data: Optional[Path] = typer.Option(None, "--train", help="Training data (label frequencies for PSP@k)."),
     a: Optional[float] = typer.Option(None, "--A", help="Propensity parameter A."),
     b: Optional[float] = typer.Option(None, "--B", help="Propensity parameter B."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics (fractions) as JSON."),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", help="Write the metrics (fractions) as JSON; the frequency table goes under by_frequency.",
+    ),
+    buckets: Optional[int] = typer.Option(
+        None, help="Label-frequency buckets of the second table (default 3; a prediction file needs --train; 0: none).",
+    ),
 ) -> None:
-    """Evaluate a run directory, or score a prediction file against a data set."""
+    """Evaluate a run directory, or score a prediction file against a data set; a second table splits
+    P@k and PSP@k by the labels' training frequency (head, torso, tail)."""
     from xmlsparse.evaluate import evaluate_predictions_file, evaluate_run_dir
+    from xmlsparse.metrics import DEFAULT_BUCKETS
     from xmlsparse.train.trainer import write_json
 
     ks = _parse_ks(k)
@@ -172,16 +190,25 @@ def eval_command(
             raise XMLSparseError("give either RUN_DIR or --predictions with --truth, not both")
         if truth is None:
             raise XMLSparseError("--predictions needs --truth TEST (the data set the predictions are for)")
-        metrics = evaluate_predictions_file(predictions, truth, ks, train_data, a, b)
+        if buckets is not None and buckets > 0 and train_data is None:
+            raise XMLSparseError(f"--buckets {buckets} needs --train TRAIN (the training label frequencies)")
+        metrics, table = evaluate_predictions_file(
+            predictions, truth, ks, train_data, a, b, DEFAULT_BUCKETS if buckets is None else buckets,
+        )
     elif run_dir is not None:
         if split not in ("test", "val"):
             raise XMLSparseError(f"--split {split!r}: expected test or val")
-        metrics = evaluate_run_dir(run_dir, split, ks, save_predictions)
+        metrics, table = evaluate_run_dir(
+            run_dir, split, ks, save_predictions, DEFAULT_BUCKETS if buckets is None else buckets,
+        )
     else:
         raise XMLSparseError("give a RUN_DIR, or --predictions PRED --truth TEST")
     _print_metrics(metrics)
+    if table is not None:
+        typer.echo("")
+        _print_frequency_table(table)
     if json_out is not None:
-        write_json(json_out, metrics)
+        write_json(json_out, metrics if table is None else {**metrics, "by_frequency": table})
 
 
 @app.command()
@@ -197,6 +224,37 @@ def predict(
 
     target = predict_file(run_dir, input_path, top_k, out)
     typer.echo(f"predictions written to {target}")
+
+
+@app.command("tune")
+@one_line_errors
+def tune_command(
+    config: Path = typer.Argument(..., help="YAML config; its train.early_stopping.metric is maximised."),
+    trials: int = typer.Option(..., help="Trials to run in this call (a study already in --out continues)."),
+    timeout: Optional[float] = typer.Option(None, help="Start no new trial after this many seconds."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key in every trial: --set train.epochs=10."),
+    out: Optional[Path] = typer.Option(None, help="Study folder (default: runs/tune-<config name>)."),
+    space: Optional[Path] = typer.Option(None, help="YAML search space: dotted key -> {type, low, high, log, choices}."),
+) -> None:
+    """Search hyper-parameters with Optuna on the validation split; writes best.yaml for `train`."""
+    from xmlsparse.tune import format_trials, tune_config
+
+    if trials < 1:
+        raise XMLSparseError(f"--trials {trials}: expected a positive number of trials")
+    if timeout is not None and timeout <= 0:
+        raise XMLSparseError(f"--timeout {timeout:g}: expected a positive number of seconds")
+    out = out if out is not None else Path("runs") / f"tune-{config.stem}"
+    result = tune_config(config, trials, out, list(set_), space, timeout)
+    typer.echo(format_trials(result))
+    if result.best is None:
+        typer.echo(f"no trial has completed yet, so there is no best config (study in {out / 'study.db'})")
+    else:
+        typer.echo(f"best: trial {result.best['trial']}, validation {result.metric} "
+                   f"{100 * result.best['value']:.2f}; train its config with")
+        typer.echo(f"  xmlsparse train {result.best_config} --out {out / 'best'}")
+    if result.interrupted:
+        typer.echo(f"interrupted: the same command continues the study in {out}", err=True)
+        raise typer.Exit(130)
 
 
 def main() -> None:

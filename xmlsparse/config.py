@@ -115,6 +115,21 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # The full checkpoint (checkpoints/last.pt: model, optimizer moments, schedule, RNG states) is
+    # what a resume needs and, with Adam, three times the model's size: written every epoch it can
+    # take longer than the epoch's steps. It is written when either interval is due (checked at the
+    # end of each epoch), always at the end of training and on SIGINT; a resume from an older one
+    # trains the epochs since again, identically on CPU. best.pt (the model alone) is written
+    # whenever validation improves, whatever these say.
+    every_epochs: int = 1
+    every_minutes: Union[float, None] = None
+    # Copy the state to host memory and write it from a background thread while training goes on
+    # (at most one write in flight; the next save waits for it): the loop waits for the copy only.
+    background: bool = True
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 100
     batch_size: int = 32
@@ -123,6 +138,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     precision: str = "bf16"  # bf16 | fp32 (CPU always runs fp32)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -221,6 +237,17 @@ def config_from_dict(values: dict, source: str = "config") -> Config:
         raise XMLSparseError(f"{source}: expected a mapping of sections (data, model, train, eval)")
     config = _build(Config, values, "", source)
     _check_metric_names(config, source)
+    checkpoint = config.train.checkpoint
+    if checkpoint.every_epochs < 1:
+        raise XMLSparseError(
+            f"{source}: train.checkpoint.every_epochs = {checkpoint.every_epochs!r}: "
+            "expected a positive number of epochs"
+        )
+    if checkpoint.every_minutes is not None and not checkpoint.every_minutes > 0:
+        raise XMLSparseError(
+            f"{source}: train.checkpoint.every_minutes = {checkpoint.every_minutes!r}: "
+            "expected a positive number of minutes, or null"
+        )
     optimizer = config.train.optimizer
     if optimizer.head_update_in_backward and optimizer.moments != "bfloat16":
         raise XMLSparseError(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -14,7 +15,15 @@ import torch
 from xmlsparse.data.batches import Batch, BatchIterator, Prefetcher
 from xmlsparse.data.formats import XMCData
 from xmlsparse.errors import XMLSparseError
-from xmlsparse.metrics import StreamingMetrics, merge_topk, topk_values_and_indices
+from xmlsparse.metrics import (
+    DEFAULT_BUCKETS,
+    BucketRow,
+    FrequencyBucketMetrics,
+    StreamingMetrics,
+    label_frequencies,
+    merge_topk,
+    topk_values_and_indices,
+)
 
 
 # Logits of one batch held at a time while scoring: bounds evaluation memory whatever L is.
@@ -73,6 +82,38 @@ def predict_topk(
     return np.concatenate(ids), np.concatenate(scores)
 
 
+@overload
+def evaluate(
+    model: torch.nn.Module,
+    data: XMCData,
+    ks: list[int],
+    batch_size: int,
+    device: torch.device,
+    precision: str = ...,
+    inv_propensity: np.ndarray | None = ...,
+    points: np.ndarray | None = ...,
+    *,
+    label_freq: None = ...,
+    buckets: int = ...,
+) -> dict[str, float]: ...
+
+
+@overload
+def evaluate(
+    model: torch.nn.Module,
+    data: XMCData,
+    ks: list[int],
+    batch_size: int,
+    device: torch.device,
+    precision: str = ...,
+    inv_propensity: np.ndarray | None = ...,
+    points: np.ndarray | None = ...,
+    *,
+    label_freq: np.ndarray,
+    buckets: int = ...,
+) -> tuple[dict[str, float], list[BucketRow]]: ...
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -83,16 +124,28 @@ def evaluate(
     precision: str = "fp32",
     inv_propensity: np.ndarray | None = None,
     points: np.ndarray | None = None,
-) -> dict[str, float]:
+    *,
+    label_freq: np.ndarray | None = None,
+    buckets: int = DEFAULT_BUCKETS,
+) -> dict[str, float] | tuple[dict[str, float], list[BucketRow]]:
     """P@k, nDCG@k, R@k (and PSP@k, PSnDCG@k with propensities) of ``model`` on ``data``
-    (or on its rows ``points``)."""
+    (or on its rows ``points``).
+
+    With ``label_freq`` (training label counts, ``label_frequencies``) the same pass also returns
+    the table of P@k, PSP@k and R@k by ``buckets`` label-frequency buckets, head first
+    (``FrequencyBucketMetrics``), as ``(metrics, table)``.
+    """
     model.eval()
     metrics = StreamingMetrics(ks=tuple(ks), inv_propensity=inv_propensity)
+    by_freq = None if label_freq is None else FrequencyBucketMetrics(label_freq, buckets, ks, inv_propensity)
     for batch in _batches(data, batch_size, device, points):
         with autocast_for(device, precision):
             _, top_ids = topk_of_batch(model, batch, max(ks))
-        metrics.update(top_ids.cpu().numpy(), data.Y[batch.points])
-    return metrics.compute()
+        top_ids, truth = top_ids.cpu().numpy(), data.Y[batch.points]
+        metrics.update(top_ids, truth)
+        if by_freq is not None:
+            by_freq.update(top_ids, truth)
+    return metrics.compute() if by_freq is None else (metrics.compute(), by_freq.compute())
 
 
 # Rows of a prediction file scored at a time: bounds the dense top-k work per block.
@@ -106,33 +159,48 @@ def evaluate_predictions_file(
     train: Path | None = None,
     a: float | None = None,
     b: float | None = None,
-) -> dict[str, float]:
+    buckets: int = DEFAULT_BUCKETS,
+) -> tuple[dict[str, float], list[BucketRow] | None]:
     """Score a prediction file (npz CSR scores or ``label:score`` lines) against a data set's labels.
 
     PSP@k and PSnDCG@k need the training labels (``train``) for the propensities; A and B default
-    to those of Jain et al. (2016).
+    to those of Jain et al. (2016). Returns the metrics and, with ``train`` and ``buckets`` > 0, the
+    table by label-frequency bucket (frequencies counted over every point of ``train``), else None.
     """
     from xmlsparse.data.predictions import read_predictions
-    from xmlsparse.metrics import DEFAULT_PROPENSITY, inverse_propensity, label_frequencies, topk_from_sparse_scores
+    from xmlsparse.metrics import DEFAULT_PROPENSITY, inverse_propensity, topk_from_sparse_scores
 
+    _check_buckets(buckets)
     truth_labels = _labels_of(truth)
     n_points, n_labels = truth_labels.shape
     scores = read_predictions(predictions, n_labels=n_labels)
     if scores.shape[0] != n_points:
         raise XMLSparseError(f"{predictions}: {scores.shape[0]} points of predictions, but {truth} has {n_points} points")
-    inv_prop = None
+    inv_prop = by_freq = None
     if train is not None:
         train_labels = _labels_of(train)
         if train_labels.shape[1] != n_labels:
             raise XMLSparseError(f"{train}: {train_labels.shape[1]} labels, but {truth} has {n_labels}")
         a = DEFAULT_PROPENSITY[0] if a is None else a
         b = DEFAULT_PROPENSITY[1] if b is None else b
-        inv_prop = inverse_propensity(label_frequencies(train_labels), train_labels.shape[0], a, b)
+        freq = label_frequencies(train_labels)
+        inv_prop = inverse_propensity(freq, train_labels.shape[0], a, b)
+        if buckets > 0:
+            by_freq = FrequencyBucketMetrics(freq, buckets, ks, inv_prop)
     metrics = StreamingMetrics(ks=tuple(ks), inv_propensity=inv_prop)
     for start in range(0, n_points, PREDICTION_ROWS_PER_BLOCK):
         stop = min(start + PREDICTION_ROWS_PER_BLOCK, n_points)
-        metrics.update(topk_from_sparse_scores(scores[start:stop], max(ks)), truth_labels[start:stop])
-    return metrics.compute()
+        top_ids, block_truth = topk_from_sparse_scores(scores[start:stop], max(ks)), truth_labels[start:stop]
+        metrics.update(top_ids, block_truth)
+        if by_freq is not None:
+            by_freq.update(top_ids, block_truth)
+    return metrics.compute(), None if by_freq is None else by_freq.compute()
+
+
+def _check_buckets(buckets: int) -> None:
+    """A number of frequency buckets, 0 meaning no frequency table."""
+    if buckets < 0:
+        raise XMLSparseError(f"--buckets {buckets}: expected a number of frequency buckets, or 0 for none")
 
 
 def _labels_of(path: Path):
@@ -160,25 +228,39 @@ def load_run(run_dir: Path, device: torch.device | None = None):
         raise XMLSparseError(f"{run_dir}: no checkpoint yet (checkpoints/{BEST} and {LAST} are missing)")
     data = prepare_data(config)
     model = model_for(config, data.train, device)
-    model.load_state_dict(load_checkpoint(checkpoint)["model"])  # read to host memory, copied into the model
+    # Mapped to host memory and copied into the model: of a last.pt only the model is read, not the
+    # optimizer moments beside it.
+    model.load_state_dict(load_checkpoint(checkpoint, mmap=True)["model"])
     return config, data, model, device
 
 
-def evaluate_run_dir(run_dir: Path, split: str, ks: list[int], save_predictions: bool = False) -> dict[str, float]:
-    """Metrics of a run's best model on its test split or its validation split."""
+def evaluate_run_dir(
+    run_dir: Path, split: str, ks: list[int], save_predictions: bool = False, buckets: int = DEFAULT_BUCKETS
+) -> tuple[dict[str, float], list[BucketRow] | None]:
+    """Metrics of a run's best model on its test split or its validation split, and with ``buckets``
+    > 0 the table by label-frequency bucket (else None). Label frequencies, like the propensities,
+    are counted over the whole training file, the validation rows included."""
     from xmlsparse.data.predictions import write_predictions
 
+    _check_buckets(buckets)
     config, data, model, device = load_run(run_dir)
     precision = config.train.precision if device.type == "cuda" else "fp32"
     source = data.test if split == "test" else data.train
     points = None if split == "test" else data.val_rows
     batch_size = config.train.eval_batch_size
-    metrics = evaluate(model, source, ks, batch_size, device, precision, data.inv_propensity, points=points)
+    table = None
+    if buckets > 0:
+        metrics, table = evaluate(
+            model, source, ks, batch_size, device, precision, data.inv_propensity, points,
+            label_freq=label_frequencies(data.train.Y), buckets=buckets,
+        )
+    else:
+        metrics = evaluate(model, source, ks, batch_size, device, precision, data.inv_propensity, points)
     if save_predictions:
         subset = source if points is None else XMCData(source.X[points], source.Y[points], source.n_features, source.n_labels)
         ids, scores = predict_topk(model, subset, max(ks), batch_size, device, precision)
         write_predictions(run_dir / f"predictions-{split}.txt", ids, scores, n_labels=source.n_labels)
-    return metrics
+    return metrics, table
 
 
 def predict_file(run_dir: Path, input_path: Path, top_k: int, out: Path | None = None) -> Path:

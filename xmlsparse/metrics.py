@@ -15,6 +15,28 @@ Conventions follow pyxclib (xclib.evaluation.xc_metrics):
 
 Relevance values in the truth matrix are binary: any nonzero stored value is a relevant label.
 Each row of a top-k array must list distinct labels (as a top-k of scores does).
+
+Split by training label frequency (``FrequencyBucketMetrics``), to show where accuracy is lost:
+
+- Buckets: the labels, sorted by training frequency (training points carrying the label) most
+  frequent first, lay their training occurrences end to end; that line is cut into B equal parts
+  (default 3: head, torso, tail), so each bucket holds about a 1/B share of the label occurrences
+  and the tail holds many rare labels. All labels of one frequency go together to the part in which
+  the middle of their joint occurrences falls, so the buckets' frequency ranges do not overlap (and
+  a bucket can be empty when one frequency alone holds more than a 1/B share). Labels never seen
+  in training (frequency 0) are in the tail bucket; with no training occurrences at all, every label is.
+  The frequencies are ``label_frequencies`` of the training labels: for a run, its whole training
+  file, validation rows included (as for the propensities); for a prediction file, ``--train``.
+- P@k of a bucket: hits in the top k whose label is in the bucket, over k, averaged over all points.
+  The top k are ranked over all labels, so the buckets' P@k sum to the overall P@k.
+- PSP@k of a bucket: PSP@k's numerator restricted to those hits, over the overall PSP@k
+  denominator (the best ranking over all labels), so the buckets' PSP@k sum to the overall PSP@k.
+- R@k of a bucket: hits in the top k among a point's true labels in the bucket, over the number of
+  its true labels in the bucket, averaged over the points that have any (undefined, None, when no
+  point has); these do not sum to R@k.
+- Each bucket also reports its number of labels, its frequency range (min and max training count,
+  None when the bucket is empty), its share of the training label occurrences (None when there are
+  none) and the number of evaluated points with a true label in it (R@k's count).
 """
 
 from __future__ import annotations
@@ -35,6 +57,12 @@ PADDING = -1  # label id of an empty top-k slot
 # Propensity parameters A, B of Jain et al. (2016) for data sets that do not state their own.
 DEFAULT_PROPENSITY = (0.55, 1.5)
 
+# Frequency buckets reported by default: head, torso, tail.
+DEFAULT_BUCKETS = 3
+
+# One bucket's line of the frequency table: name, counts, frequency range, share and metrics.
+BucketRow = dict[str, str | int | float | None]
+
 
 def label_frequencies(Y: sp.csr_matrix) -> np.ndarray:
     """Number of points that carry each label (nonzero entries per column), int64 [L]."""
@@ -53,11 +81,8 @@ class StreamingMetrics:
     """Accumulates P@k, nDCG@k, PSP@k, PSnDCG@k and R@k over batches of top-k predictions."""
 
     def __init__(self, ks: Sequence[int] = (1, 3, 5), inv_propensity: np.ndarray | None = None):
-        ks = tuple(int(k) for k in ks)
-        if not ks or min(ks) < 1:
-            raise XMLSparseError(f"metric cut-offs k must be positive integers, got {ks}")
-        self.ks = ks
-        self.kmax = max(ks)
+        self.ks = _checked_ks(ks)
+        self.kmax = max(self.ks)
         self.inv_propensity = None if inv_propensity is None else np.asarray(inv_propensity, dtype=np.float64)
         # 1 / log2(rank + 1) for ranks 1..kmax, and its running sums with a leading 0 so that
         # ideal_dcg[n] is the ideal DCG of a point with n relevant labels in the top n.
@@ -72,24 +97,10 @@ class StreamingMetrics:
 
     def update(self, topk: ArrayLike, truth: sp.csr_matrix) -> None:
         """Add a batch: topk [B, kmax] label ids best first (-1 = no prediction), truth CSR [B, L]."""
-        pred = _as_numpy(topk).astype(np.int64, copy=False)
-        truth = sp.csr_matrix(truth)
+        pred, truth = _checked_batch(topk, truth, self.kmax)
         n_rows, n_labels = truth.shape
-        if pred.ndim != 2 or pred.shape[0] != n_rows:
-            raise XMLSparseError(
-                f"top-k predictions have shape {tuple(pred.shape)}, expected ({n_rows}, k) for {n_rows} points"
-            )
-        if pred.size and (pred.min() < PADDING or pred.max() >= n_labels):
-            raise XMLSparseError(
-                f"top-k predictions hold label ids in [{pred.min()}, {pred.max()}], expected -1 (none) "
-                f"or 0..{n_labels - 1}"
-            )
         q = self.inv_propensity
-        if q is not None and q.shape[0] < n_labels:
-            raise XMLSparseError(
-                f"inverse propensities cover {q.shape[0]} labels but the truth matrix has {n_labels}"
-            )
-        pred = _fit_width(pred, self.kmax)
+        _check_covers(q, "inverse propensities", n_labels)
 
         true_keys = _relevant_keys(truth)
         true_rows, true_labels = np.divmod(true_keys, max(n_labels, 1))
@@ -137,6 +148,168 @@ class StreamingMetrics:
 
     def _add(self, key: str, value: float) -> None:
         self._sums[key] = self._sums.get(key, 0.0) + float(value)
+
+
+def frequency_buckets(label_freq: np.ndarray, n_buckets: int) -> np.ndarray:
+    """Bucket of every label, int64 [L]: 0 (head, the most frequent labels) to n_buckets - 1 (tail).
+
+    Each bucket holds about an equal share of the training label occurrences; all labels of one
+    frequency share a bucket and frequency 0 is in the tail (the module docstring has the rule).
+    """
+    if n_buckets < 1:
+        raise XMLSparseError(f"{n_buckets} frequency buckets: expected a positive number of buckets")
+    freq = np.asarray(label_freq)
+    if freq.ndim != 1 or not np.issubdtype(freq.dtype, np.integer) or (freq.size and freq.min() < 0):
+        raise XMLSparseError(
+            f"label frequencies of dtype {freq.dtype} and shape {freq.shape}: expected a 1-D array of "
+            "non-negative integer counts, one per label"
+        )
+    freq = freq.astype(np.int64)
+    total = int(freq.sum())
+    if total == 0:
+        return np.full(freq.shape[0], n_buckets - 1, dtype=np.int64)
+    values, inverse, counts = np.unique(freq, return_inverse=True, return_counts=True)  # ascending
+    group_mass = values * counts
+    above = total - np.cumsum(group_mass)  # occurrences of the labels more frequent than each value
+    # The part holding the group's midpoint, floor(n_buckets * (above + mass / 2) / total), in
+    # integers so that a midpoint on a boundary is not moved by rounding. Frequency 0 has its
+    # midpoint at the very end, part n_buckets, which is clipped to the tail.
+    group_bucket = (n_buckets * (2 * above + group_mass)) // (2 * total)
+    return np.minimum(group_bucket, n_buckets - 1)[inverse.reshape(-1)]
+
+
+def bucket_names(n_buckets: int) -> list[str]:
+    """Names of the buckets, head first: head, torso, tail for three; torso-1, torso-2, ... for more."""
+    if n_buckets == 1:
+        return ["all"]
+    middle = ["torso"] if n_buckets == 3 else [f"torso-{i}" for i in range(1, n_buckets - 1)]
+    return ["head", *middle, "tail"]
+
+
+class FrequencyBucketMetrics:
+    """Accumulates P@k, PSP@k (with propensities) and R@k split into buckets of labels by training
+    frequency (definitions in the module docstring), batch by batch from top-k ids and CSR truth."""
+
+    def __init__(
+        self,
+        label_freq: np.ndarray,
+        n_buckets: int = DEFAULT_BUCKETS,
+        ks: Sequence[int] = (1, 3, 5),
+        inv_propensity: np.ndarray | None = None,
+    ):
+        self.ks = _checked_ks(ks)
+        self.kmax = max(self.ks)
+        self.n_buckets = int(n_buckets)
+        self.bucket = frequency_buckets(label_freq, self.n_buckets)
+        self.label_freq = np.asarray(label_freq, dtype=np.int64)
+        self.inv_propensity = None if inv_propensity is None else np.asarray(inv_propensity, dtype=np.float64)
+        n_ks = len(self.ks)
+        self._hits = np.zeros((n_ks, self.n_buckets))  # per k and bucket: sum over points of hits / k
+        self._psp = np.zeros((n_ks, self.n_buckets))  # the same with each hit weighted by its q
+        self._best_psp = np.zeros(n_ks)  # PSP@k's denominator over all labels
+        self._recall = np.zeros((n_ks, self.n_buckets))  # sum of R@k over the points counted below
+        self._points_with_labels = np.zeros(self.n_buckets, dtype=np.int64)
+        self._n_points = 0
+
+    @property
+    def n_points(self) -> int:
+        return self._n_points
+
+    def update(self, topk: ArrayLike, truth: sp.csr_matrix) -> None:
+        """Add a batch: topk [B, kmax] label ids best first (-1 = no prediction), truth CSR [B, L]."""
+        pred, truth = _checked_batch(topk, truth, self.kmax)
+        n_rows, n_labels = truth.shape
+        _check_covers(self.bucket, "label frequencies", n_labels)
+        q = self.inv_propensity
+        _check_covers(q, "inverse propensities", n_labels)
+        n_buckets = self.n_buckets
+
+        true_keys = _relevant_keys(truth)
+        true_rows, true_labels = np.divmod(true_keys, max(n_labels, 1))
+        hit = _is_relevant(pred, true_keys, n_labels)
+        # Per point and bucket (a batch-sized table: the number of buckets is small): true labels,
+        # and below the hits, counted through cells row * n_buckets + bucket.
+        cells = n_rows * n_buckets
+        n_true = np.bincount(true_rows * n_buckets + self.bucket[true_labels], minlength=cells)
+        n_true = n_true.reshape(n_rows, n_buckets)
+        has_labels = n_true > 0
+        self._points_with_labels += has_labels.sum(axis=0)
+        pred_bucket = self.bucket[np.maximum(pred, 0)]  # padding slots never hit, so their bucket is moot
+        pred_cell = np.arange(n_rows, dtype=np.int64)[:, None] * n_buckets + pred_bucket
+        if q is not None:
+            qhit = np.where(hit, q[np.maximum(pred, 0)], 0.0)
+            best = _best_propensities(true_rows, true_labels, n_true.sum(axis=1), q, self.kmax)
+
+        for i, k in enumerate(self.ks):
+            hits = np.bincount(pred_cell[:, :k].ravel(), weights=hit[:, :k].ravel(), minlength=cells)
+            hits = hits.reshape(n_rows, n_buckets)
+            self._hits[i] += hits.sum(axis=0) / k
+            self._recall[i] += np.where(has_labels, hits / np.maximum(n_true, 1), 0.0).sum(axis=0)
+            if q is not None:
+                weighted = np.bincount(pred_bucket[:, :k].ravel(), weights=qhit[:, :k].ravel(), minlength=n_buckets)
+                self._psp[i] += weighted / k
+                self._best_psp[i] += best[:, :k].sum() / k
+        self._n_points += n_rows
+
+    def compute(self) -> list[BucketRow]:
+        """One row per bucket, head first, with metrics as fractions over every point seen so far."""
+        if self._n_points == 0:
+            raise XMLSparseError("no points were evaluated: metrics are undefined")
+        total = int(self.label_freq.sum())
+        rows: list[BucketRow] = []
+        for b, name in enumerate(bucket_names(self.n_buckets)):
+            freq = self.label_freq[self.bucket == b]
+            n_with = int(self._points_with_labels[b])
+            row: BucketRow = {
+                "bucket": name,
+                "labels": int(freq.size),
+                "freq_min": int(freq.min()) if freq.size else None,
+                "freq_max": int(freq.max()) if freq.size else None,
+                "train_share": float(freq.sum() / total) if total else None,
+                "points": n_with,
+            }
+            for i, k in enumerate(self.ks):
+                row[f"P@{k}"] = float(self._hits[i, b] / self._n_points)
+            if self.inv_propensity is not None:
+                for i, k in enumerate(self.ks):
+                    best = self._best_psp[i]
+                    row[f"PSP@{k}"] = float(self._psp[i, b] / best) if best > 0 else 0.0
+            for i, k in enumerate(self.ks):
+                row[f"R@{k}"] = float(self._recall[i, b] / n_with) if n_with else None
+            rows.append(row)
+        return rows
+
+
+def _checked_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    """The metric cut-offs as a tuple of ints, which must be positive."""
+    ks = tuple(int(k) for k in ks)
+    if not ks or min(ks) < 1:
+        raise XMLSparseError(f"metric cut-offs k must be positive integers, got {ks}")
+    return ks
+
+
+def _checked_batch(topk: ArrayLike, truth: sp.csr_matrix, width: int) -> tuple[np.ndarray, sp.csr_matrix]:
+    """A batch's top-k ids as int64 [B, width] (cut or padded with -1) and its truth as CSR, checked
+    against each other: one row of predictions per point, ids -1 or within the truth's labels."""
+    pred = _as_numpy(topk).astype(np.int64, copy=False)
+    truth = sp.csr_matrix(truth)
+    n_rows, n_labels = truth.shape
+    if pred.ndim != 2 or pred.shape[0] != n_rows:
+        raise XMLSparseError(
+            f"top-k predictions have shape {tuple(pred.shape)}, expected ({n_rows}, k) for {n_rows} points"
+        )
+    if pred.size and (pred.min() < PADDING or pred.max() >= n_labels):
+        raise XMLSparseError(
+            f"top-k predictions hold label ids in [{pred.min()}, {pred.max()}], expected -1 (none) "
+            f"or 0..{n_labels - 1}"
+        )
+    return _fit_width(pred, width), truth
+
+
+def _check_covers(per_label: np.ndarray | None, what: str, n_labels: int) -> None:
+    """A per-label array must have an entry for every label of the truth matrix."""
+    if per_label is not None and per_label.shape[0] < n_labels:
+        raise XMLSparseError(f"{what} cover {per_label.shape[0]} labels but the truth matrix has {n_labels}")
 
 
 def _as_numpy(x: ArrayLike) -> np.ndarray:

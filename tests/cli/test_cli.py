@@ -54,11 +54,16 @@ def test_eval_of_a_run_directory_matches_final_json(trained_run, tmp_path):
     out = tmp_path / "m.json"
     result = invoke("eval", str(run), "--json", str(out), "--save-predictions")
     assert result.exit_code == 0, result.output
-    final = json.loads((run / "final.json").read_text())["test"]
+    final = json.loads((run / "final.json").read_text())
     measured = json.loads(out.read_text())
-    assert measured == pytest.approx({k: final[k] for k in measured})
+    by_frequency = measured.pop("by_frequency")
+    assert measured == pytest.approx({k: final["test"][k] for k in measured})
+    assert len(by_frequency) == len(final["test_by_frequency"]) == 3
+    for row, row_final in zip(by_frequency, final["test_by_frequency"]):
+        assert row == pytest.approx(row_final)
     assert (run / "predictions-test.txt").is_file()
-    assert invoke("eval", str(run), "--split", "val", "--k", "1,2").exit_code == 0
+    result = invoke("eval", str(run), "--split", "val", "--k", "1,2", "--buckets", "0")
+    assert result.exit_code == 0 and "by training label frequency" not in result.output
 
 
 def test_eval_of_a_prediction_file_matches_the_run(trained_run, tmp_path):
@@ -73,6 +78,38 @@ def test_eval_of_a_prediction_file_matches_the_run(trained_run, tmp_path):
     for key in ("P@1", "P@3", "P@5", "nDCG@5", "R@5"):
         assert from_file[key] == pytest.approx(final[key])
     assert set(from_file) >= {"PSP@1", "PSnDCG@5"}
+
+
+def test_eval_of_a_prediction_file_prints_and_writes_the_frequency_table(trained_run, tmp_path):
+    run, data = trained_run
+    invoke("eval", str(run), "--save-predictions")
+    files = ["--predictions", str(run / "predictions-test.txt"), "--truth", str(data / "Y.tst.npz")]
+    out = tmp_path / "m.json"
+    result = invoke("eval", *files, "--train", str(data / "Y.trn.npz"), "--A", "0.55", "--B", "1.5", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    written = json.loads(out.read_text())
+    table = written["by_frequency"]
+    lines = result.output.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("bucket")))
+    assert lines[start].split() == ["bucket", "labels", "freq", "range", "P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5"]
+    assert len(lines) == start + 4
+    for line, row in zip(lines[start + 1 :], table):
+        cells = line.split()
+        assert cells[:3] == [row["bucket"], str(row["labels"]), f"{row['freq_min']}-{row['freq_max']}"]
+        assert cells[3:] == [f"{100 * row[key]:.2f}" for key in ("P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5")]
+    assert [row["bucket"] for row in table] == ["head", "torso", "tail"]
+    assert sum(row["labels"] for row in table) == 80
+    for key in ("P@1", "P@5", "PSP@1", "PSP@5"):
+        assert sum(row[key] for row in table) == pytest.approx(written[key])
+    # The same buckets and values as the run's own test evaluation (the same training labels).
+    for row, row_final in zip(table, json.loads((run / "final.json").read_text())["test_by_frequency"]):
+        assert row == pytest.approx(row_final)
+
+    five = invoke("eval", *files, "--train", str(data / "Y.trn.npz"), "--buckets", "5", "--json", str(out))
+    assert five.exit_code == 0 and len(json.loads(out.read_text())["by_frequency"]) == 5
+    without_train = invoke("eval", *files, "--json", str(out))
+    assert without_train.exit_code == 0 and "by training label frequency" not in without_train.output
+    assert "by_frequency" not in json.loads(out.read_text())
 
 
 def test_predict_writes_top_k_lines(trained_run, tmp_path):
@@ -92,6 +129,8 @@ def test_predict_writes_top_k_lines(trained_run, tmp_path):
         (["eval", "nowhere", "--k", "1,x"], "--k '1,x': expected comma-separated positive integers"),
         (["eval", "nowhere"], "nowhere: not a run directory"),
         (["eval", "--predictions", "p.txt"], "--predictions needs --truth"),
+        (["eval", "--predictions", "p.txt", "--truth", "t.txt", "--buckets", "2"], "--buckets 2 needs --train TRAIN"),
+        (["eval", "nowhere", "--buckets", "-1"], "--buckets -1: expected a number of frequency buckets"),
         (["train", "missing.yaml"], "missing.yaml: config file not found"),
         (["train", "missing.yaml", "--device", "tpu"], "--device 'tpu': expected cpu, cuda or auto"),
         (["download-dataset", "nope"], "unknown data set 'nope'"),

@@ -1,4 +1,5 @@
-"""End-to-end training on a tiny synthetic set: run directory, resume after SIGKILL and SIGINT, NaN."""
+"""End-to-end training on a tiny synthetic set: run directory, checkpoints, resume after SIGKILL and
+SIGINT and from a last.pt older than best.pt, NaN, a failed checkpoint write."""
 
 import json
 import os
@@ -12,8 +13,13 @@ import pytest
 import torch
 import yaml
 
+from typer.testing import CliRunner
+
+from xmlsparse.cli import app
 from xmlsparse.config import load_config
 from xmlsparse.data.synthetic import generate
+from xmlsparse.train import checkpoint
+from xmlsparse.train.checkpoint import CheckpointWriteError, load_checkpoint
 from xmlsparse.train.trainer import TrainingDiverged, resume_run, start_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,6 +65,12 @@ def test_run_directory_holds_config_metrics_checkpoints_and_final(tmp_path, tiny
     for key in ("loss", "val_P@1", "val_P@3", "lr", "rewired_fraction", "epoch_seconds", "samples_per_second",
                 "peak_memory_bytes"):
         assert key in lines[0]
+    for line in lines:
+        # Where an epoch's time goes: the steps, validation, and the training thread's checkpointing.
+        assert line["step_seconds"] == line["epoch_seconds"] > 0
+        assert line["validation_seconds"] > 0 and line["checkpoint_seconds"] > 0
+        parts = line["step_seconds"] + line["validation_seconds"] + line["checkpoint_seconds"]
+        assert parts <= line["epoch_wall_seconds"] <= parts + 5
     # 34 steps an epoch, rewiring every 10 steps until 66 % of 102 steps: rounds at 10..60.
     assert sum(line["rewired_fraction"] for line in lines) == pytest.approx(0.6, abs=0.05)
     assert json.loads((run / "final.json").read_text())["test"] == final["test"]
@@ -70,6 +82,18 @@ def test_run_directory_holds_config_metrics_checkpoints_and_final(tmp_path, tiny
     assert final["test"]["P@1"] > 0.2
     with pytest.raises(Exception, match="already holds a run"):
         start_run(load_config(tiny_config(tmp_path, tiny_data)), run)
+
+    # best.pt is what evaluation needs: the model, its epoch and validation score, no optimizer state.
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert set(best) == {"model", "epoch", "best_score"}
+    assert final["best_validation"] == {"P@3": best["best_score"]}
+    assert "optimizer" in load_checkpoint(run / "checkpoints" / "last.pt")
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, ["eval", str(run), "--json", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    measured = json.loads(out.read_text())
+    for key in ("P@1", "P@3", "nDCG@5"):
+        assert measured[key] == pytest.approx(final["test"][key])
 
 
 def test_bf16_moments_and_head_update_in_backward_train_and_resume(tmp_path, tiny_data):
@@ -84,8 +108,10 @@ def test_bf16_moments_and_head_update_in_backward_train_and_resume(tmp_path, tin
     assert memory["optimizer_head"] == memory["head_params"]
     assert whole["test"]["P@1"] > 0.2
 
-    # One epoch, its checkpoint, then a new process's worth of objects resumes from it.
-    split = start_run(load_config(tiny_config(tmp_path, tiny_data, optimizer=optimizer)), tmp_path / "split")
+    # One epoch, its checkpoint (written in the foreground here), then a new process's worth of
+    # objects resumes from it.
+    split = start_run(load_config(tiny_config(tmp_path, tiny_data, optimizer=optimizer,
+                                              checkpoint={"background": False})), tmp_path / "split")
     assert split._train_epoch()
     split._end_epoch()
     del split
@@ -137,6 +163,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
     trainer = start_run(load_config(tiny_config(tmp_path, tiny_data, epochs=2)), run)
     trainer._train_epoch()
     trainer._end_epoch()
+    trainer.checkpoints.wait()
     good = (run / "checkpoints" / "last.pt").read_bytes()
 
     def nan_loss(logits, y_indices, y_ptr):
@@ -146,6 +173,58 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
     with pytest.raises(TrainingDiverged, match="loss became nan"):
         trainer.fit()
     assert (run / "checkpoints" / "last.pt").read_bytes() == good
+    assert not (run / "final.json").exists()
+
+
+def test_resume_from_a_last_checkpoint_older_than_best_ends_like_an_uninterrupted_run(tmp_path, tiny_data):
+    """With a full checkpoint every second epoch, a kill after epoch 3 leaves last.pt of epoch 2 and
+    best.pt of epoch 3: the resume trains epoch 3 again (finding the same best score, so rewriting
+    best.pt), replaces its metrics line, and ends where the uninterrupted run does."""
+    every_two = {"every_epochs": 2}
+    config = tiny_config(tmp_path, tiny_data, epochs=5, checkpoint=every_two)
+    whole = start_run(load_config(config), tmp_path / "whole").fit()
+
+    run = tmp_path / "killed"
+    trainer = start_run(load_config(config), run)
+    for _ in range(3):
+        assert trainer._train_epoch()
+        trainer._end_epoch()
+    trainer.checkpoints.wait()
+    del trainer  # the process is gone: what it wrote is all that is left
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["epoch"] == 3
+    (run / "checkpoints" / ".last.pt.killed.tmp").write_bytes(b"a write cut short")
+
+    resumed = resume_run(run)
+    assert not (run / "checkpoints" / ".last.pt.killed.tmp").exists()
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    final = resumed.fit()
+    assert final["test"] == whole["test"] and final["best_validation"] == whole["best_validation"]
+
+    def trajectory(run_dir):
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in line.items() if k.startswith(("epoch", "step", "loss", "val_", "lr", "rewired"))
+                 and not k.endswith("seconds")} for line in lines]
+
+    assert trajectory(run) == trajectory(tmp_path / "whole")
+    assert [line["epoch"] for line in trajectory(run)] == [1, 2, 3, 4, 5]
+    for name in ("best.pt", "last.pt"):
+        expected, got = (load_checkpoint(r / "checkpoints" / name) for r in (tmp_path / "whole", run))
+        assert got["epoch"] == expected["epoch"] and got["best_score"] == expected["best_score"]
+        for key, tensor in expected["model"].items():
+            assert torch.equal(got["model"][key], tensor), (name, key)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 5  # written at the end, off the interval
+
+
+def test_a_failed_background_checkpoint_write_stops_the_run(tmp_path, tiny_data, monkeypatch):
+    def full_disk(state, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk)
+    run = tmp_path / "run"
+    trainer = start_run(load_config(tiny_config(tmp_path, tiny_data, epochs=2)), run)
+    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+        trainer.fit()
     assert not (run / "final.json").exists()
 
 

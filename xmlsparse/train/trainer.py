@@ -1,10 +1,14 @@
 """The training loop: batches -> model -> loss -> backward -> optimizer -> rewiring, with a run directory.
 
 A run directory holds the resolved config, ``metrics.jsonl`` (one line per epoch), checkpoints written
-atomically (``checkpoints/last.pt`` every epoch and on SIGINT, ``checkpoints/best.pt``) and, at the end,
-``final.json`` with the test metrics of the best checkpoint. ``resume`` continues from ``last.pt``; with
-a fixed seed on CPU a resumed run ends exactly where an uninterrupted one does, because the batch order
-is a function of (seed, epoch) and every generator's state is in the checkpoint.
+atomically (``checkpoints/last.pt``, the full state, as often as ``train.checkpoint`` says, at the end
+and on SIGINT; ``checkpoints/best.pt``, the model alone, whenever validation improves) and, at the end,
+``final.json`` with the test metrics of the best checkpoint, overall (``test``) and by training
+label-frequency bucket (``test_by_frequency``, see ``xmlsparse.metrics``). ``resume`` continues
+from ``last.pt``; with a fixed seed on CPU a resumed run ends exactly where an uninterrupted one does, because the batch order
+is a function of (seed, epoch) and every generator's state is in the checkpoint. The epochs trained
+after that ``last.pt`` was written are trained again: their ``metrics.jsonl`` lines are replaced, and
+best.pt is rewritten when they improve on the best score ``last.pt`` records.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +27,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from xmlsparse.atomic import atomic_write
+from xmlsparse.atomic import atomic_write, remove_partial_writes
 from xmlsparse.config import Config, config_to_dict, load_config, save_config
 from xmlsparse.data.batches import Batch, BatchIterator, Prefetcher
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.evaluate import autocast_for, evaluate
+from xmlsparse.metrics import label_frequencies
 from xmlsparse.nn.model import XMCModel
 from xmlsparse.nn.rewire import Rewirer
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
-from xmlsparse.train.checkpoint import BEST, LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from xmlsparse.train.checkpoint import BEST, LAST, CheckpointWriter, load_checkpoint, rng_state, set_rng_state
 from xmlsparse.train.compact_adam import BackwardUpdate, CompactAdam
 from xmlsparse.train.losses import LossFn, loss_fn
 from xmlsparse.train.memory import StepMemory, optimizer_state_bytes, state_bytes
@@ -43,6 +49,12 @@ FINITE_CHECK_INTERVAL = 100
 
 class TrainingDiverged(XMLSparseError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def _fresh_epoch_stats() -> dict[str, float]:
+    """The running totals of an epoch: they go into last.pt so that an epoch resumed mid-way adds up.
+    ``seconds`` is the time in training steps; ``wall_seconds`` the epoch's time before validation."""
+    return {"loss_sum": 0.0, "batches": 0, "rewired": 0.0, "seconds": 0.0, "wall_seconds": 0.0, "samples": 0}
 
 
 def _peak_memory_bytes(device: torch.device, step_memory: StepMemory) -> int:
@@ -139,8 +151,14 @@ class Trainer:
         self.step = 0
         self.best_score = -math.inf
         self.epochs_without_improvement = 0
-        self.epoch_stats = {"loss_sum": 0.0, "batches": 0, "rewired": 0.0, "seconds": 0.0, "samples": 0}
+        self.epoch_stats = _fresh_epoch_stats()
         self._stop_requested = False
+        self.checkpoints = CheckpointWriter(config.train.checkpoint.background)
+        # When and at which epoch last.pt was last handed to the writer (train.checkpoint's intervals).
+        self._full_save_time = time.monotonic()
+        self._full_save_epoch = 0
+        # The metrics.jsonl line of the last validated epoch, handed to fit's epoch callback.
+        self.last_record: dict[str, Any] | None = None
         self.step_memory = StepMemory(device)
         # State by part when the probed step ran (evaluation frees the by-input index later on).
         self.step_state: dict[str, int] | None = None
@@ -198,7 +216,28 @@ class Trainer:
         self.step = state["step"]
         self.best_score = state["best_score"]
         self.epochs_without_improvement = state["epochs_without_improvement"]
-        self.epoch_stats = state["epoch_stats"]
+        # A last.pt written before the epoch's wall time was counted lacks that total.
+        self.epoch_stats = {**_fresh_epoch_stats(), **state["epoch_stats"]}
+        self._full_save_epoch = self.epoch
+
+    def _save_checkpoints(self, last: bool, best: bool) -> None:
+        """Hand last.pt (the full state) and best.pt (the model, the epoch and its score) to the writer.
+
+        best.pt goes first: a kill between the two then leaves a best.pt newer than last.pt, never a
+        last.pt whose best score is missing from best.pt. The replay after a resume from that last.pt
+        rewrites best.pt when it improves on last.pt's best score (on CPU, identically at once).
+        """
+        files: dict[Path, dict[str, Any]] = {}
+        if best:
+            files[self.checkpoint_dir / BEST] = {
+                "model": self.model.state_dict(), "epoch": self.epoch, "best_score": self.best_score,
+            }
+        if last:
+            files[self.checkpoint_dir / LAST] = self.state()
+            self._full_save_time = time.monotonic()
+            self._full_save_epoch = self.epoch
+        if files:
+            self.checkpoints.save(files)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -210,6 +249,7 @@ class Trainer:
 
     def _train_epoch(self) -> bool:
         """Run the rest of the current epoch; False when interrupted by SIGINT."""
+        entered = time.perf_counter()
         config = self.config.train
         iterator = BatchIterator(
             self.data.train.X, self.data.train.Y, config.batch_size, shuffle=True, seed=config.seed,
@@ -256,6 +296,7 @@ class Trainer:
         self.epoch_stats["loss_sum"] += float(running.item())
         self.epoch_stats["batches"] = self.batch_in_epoch
         self.epoch_stats["seconds"] += time.perf_counter() - started
+        self.epoch_stats["wall_seconds"] += time.perf_counter() - entered
         self.epoch_stats["samples"] += samples
         return self.batch_in_epoch >= n_batches
 
@@ -268,12 +309,14 @@ class Trainer:
             )
 
     def _end_epoch(self) -> bool:
-        """Validate, log, checkpoint; True when early stopping ends the run."""
+        """Validate, checkpoint, log; True when early stopping ends the run."""
         config = self.config
+        validation_started = time.perf_counter()
         val = evaluate(
             self.model, self.data.train, config.eval.k, config.train.eval_batch_size, self.device,
             self.precision, self.data.inv_propensity, points=self.data.val_rows,
         )
+        validation_seconds = time.perf_counter() - validation_started
         stats = self.epoch_stats
         seconds = max(stats["seconds"], 1e-9)
         record = {
@@ -287,15 +330,8 @@ class Trainer:
             "samples_per_second": stats["samples"] / seconds,
             "peak_memory_bytes": _peak_memory_bytes(self.device, self.step_memory),
         }
-        with open(self.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
         metric_name = config.train.early_stopping.metric
         score = val[metric_name]
-        self._log(
-            f"epoch {record['epoch']}: loss {record['loss']:.5f}  "
-            + "  ".join(f"{k} {100 * v:.2f}" for k, v in val.items() if k.startswith(("P@", "nDCG@5", "PSP@5")))
-            + f"  lr {record['lr']:.2e}  {record['epoch_seconds']:.1f}s  {record['samples_per_second']:.0f} samples/s"
-        )
         self.schedule.after_epoch(val)
         improved = score > self.best_score
         if improved:
@@ -305,49 +341,99 @@ class Trainer:
             self.epochs_without_improvement += 1
         self.epoch += 1
         self.batch_in_epoch = 0
-        self.epoch_stats = {"loss_sum": 0.0, "batches": 0, "rewired": 0.0, "seconds": 0.0, "samples": 0}
-        state = self.state()
-        save_checkpoint(state, self.checkpoint_dir / LAST)
-        if improved:
-            save_checkpoint(state, self.checkpoint_dir / BEST)
+        self.epoch_stats = _fresh_epoch_stats()
         patience = config.train.early_stopping.patience
-        return patience > 0 and self.epochs_without_improvement >= patience
+        stopping = patience > 0 and self.epochs_without_improvement >= patience
+        every = config.train.checkpoint
+        last_due = (
+            self.epoch % every.every_epochs == 0
+            or (every.every_minutes is not None and time.monotonic() - self._full_save_time >= 60 * every.every_minutes)
+            or stopping
+            or self.epoch >= config.train.epochs
+        )
+        checkpoint_started = time.perf_counter()
+        self._save_checkpoints(last=last_due, best=improved)
+        ended = time.perf_counter()
+        # The metrics line follows the checkpoints so that it can say what they cost; a kill in
+        # between loses nothing, since the resume trains the epochs after last.pt again.
+        record.update(
+            step_seconds=stats["seconds"],
+            validation_seconds=validation_seconds,
+            checkpoint_seconds=ended - checkpoint_started,  # host copy and waiting for the previous write
+            epoch_wall_seconds=stats["wall_seconds"] + ended - validation_started,
+        )
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.last_record = record
+        self._log(
+            f"epoch {record['epoch']}: loss {record['loss']:.5f}  "
+            + "  ".join(f"{k} {100 * v:.2f}" for k, v in val.items() if k.startswith(("P@", "nDCG@5", "PSP@5")))
+            + f"  lr {record['lr']:.2e}  {record['epoch_seconds']:.1f}s steps, "
+            + f"{record['epoch_wall_seconds']:.1f}s in all  {record['samples_per_second']:.0f} samples/s"
+        )
+        return stopping
 
-    def fit(self) -> dict[str, Any] | None:
-        """Train to the end (or early stop) and write ``final.json``; None when interrupted."""
+    def fit(
+        self, on_epoch: Callable[[dict[str, Any]], bool] | None = None, test: bool = True,
+    ) -> dict[str, Any] | None:
+        """Train to the end (or early stop) and write ``final.json``; None when interrupted.
+
+        ``on_epoch`` receives each validated epoch's ``metrics.jsonl`` record and ends the run
+        (as early stopping does) by returning True. ``test=False`` skips the test evaluation.
+        """
         previous = signal.signal(signal.SIGINT, self._request_stop)
         try:
             while self.epoch < self.config.train.epochs:
                 completed = self._train_epoch()
                 if not completed:
-                    save_checkpoint(self.state(), self.checkpoint_dir / LAST)
+                    self._save_checkpoints(last=True, best=False)
+                    self.checkpoints.wait()
                     self._log(f"interrupted: saved {self.checkpoint_dir / LAST}; continue with --resume {self.run_dir}")
                     return None
-                if self._end_epoch():
+                early_stop = self._end_epoch()
+                # Called on the early-stopping epoch too, so that the callback sees every record.
+                if on_epoch is not None and on_epoch(self.last_record):
+                    self._log(f"stopped after epoch {self.epoch}: the epoch callback asked to stop")
+                    break
+                if early_stop:
                     self._log(f"early stopping after epoch {self.epoch}: no better validation "
                               f"{self.config.train.early_stopping.metric} in "
                               f"{self.config.train.early_stopping.patience} epochs")
                     break
+            if self._full_save_epoch != self.epoch:  # the epoch callback stopped between full checkpoints
+                self._save_checkpoints(last=True, best=False)
         finally:
             signal.signal(signal.SIGINT, previous)
-        return self.finish()
+            # Also when the loop raised: the write in flight then completes the last good checkpoint.
+            self.checkpoints.wait()
+        return self.finish(test=test)
 
-    def finish(self) -> dict[str, Any]:
-        """Evaluate the best checkpoint on the test split and write ``final.json``."""
-        best = self.checkpoint_dir / BEST
-        if best.exists():
-            self.model.load_state_dict(load_checkpoint(best)["model"])  # via host memory, as in restore
+    def finish(self, test: bool = True) -> dict[str, Any]:
+        """Write ``final.json`` with the best validation score and, with ``test``, the best
+        checkpoint's metrics on the test split (model selection, as in tuning, leaves them out)."""
         config = self.config
-        test = evaluate(
-            self.model, self.data.test, config.eval.k, config.train.eval_batch_size, self.device,
-            self.precision, self.data.inv_propensity,
-        )
+        self.checkpoints.wait()
+        best = self.checkpoint_dir / BEST
+        # Mapped, not read: without the test evaluation only its score is needed. Its score, not
+        # this trajectory's best, is reported, since after a resume on a GPU best.pt may hold a model
+        # of the epochs trained again whose replay did not reach the same score.
+        best_saved = load_checkpoint(best, mmap=True) if best.exists() else None
+        best_score = self.best_score if best_saved is None else best_saved["best_score"]
+        test_entry: dict[str, Any] = {}  # final.json's "test" and "test_by_frequency", when evaluated
+        if test:
+            if best_saved is not None:
+                self.model.load_state_dict(best_saved["model"])  # via host memory, as in restore
+            # Buckets by the label counts of the whole training file, as the propensities are.
+            test_entry["test"], test_entry["test_by_frequency"] = evaluate(
+                self.model, self.data.test, config.eval.k, config.train.eval_batch_size, self.device,
+                self.precision, self.data.inv_propensity, label_freq=label_frequencies(self.data.train.Y),
+            )
         final = {
             "dataset": self.data.name,
             "epochs": self.epoch,
             "steps": self.step,
-            "best_validation": {config.train.early_stopping.metric: self.best_score},
-            "test": test,
+            "best_validation": {config.train.early_stopping.metric: best_score},
+            **test_entry,
             "memory": {
                 **(self.step_state or state_bytes(self.model, self.optimizer)),
                 "optimizer_state": optimizer_state_bytes(self.optimizer),
@@ -384,4 +470,26 @@ def resume_run(run_dir: Path, device: str | None = None) -> Trainer:
         config.train.device = device
     trainer = Trainer(config, run_dir, resolve_device(config.train.device))
     trainer.restore(last)
+    for name in (LAST, BEST):
+        remove_partial_writes(trainer.checkpoint_dir / name)
+    _keep_metrics_through(run_dir / "metrics.jsonl", trainer.epoch)
     return trainer
+
+
+def _keep_metrics_through(path: Path, epoch: int) -> None:
+    """Drop the ``metrics.jsonl`` lines after ``epoch`` (the resume trains those epochs again and
+    logs them anew) and a line that a kill cut short."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["epoch"] <= epoch:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+        with atomic_write(path, "w") as handle:
+            handle.writelines(kept)
