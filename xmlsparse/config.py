@@ -33,9 +33,10 @@ class DataConfig:
     # BoW rows scaled to unit L2 norm on load (raw counts make the first layer's scale depend on
     # document length); dense rows are used as given.
     normalize: bool = True
-    # BoW values re-weighted by the training split's inverse document frequency (binary or count
-    # features, as Bibtex and Delicious ship); off for features that are tf-idf already.
-    tfidf: bool = False
+    # BoW values re-weighted by the training split's inverse document frequency. auto: when every
+    # stored value of the training features is a whole number (binary or count features, as
+    # Bibtex and Delicious ship), not when they are real-valued (tf-idf already).
+    tfidf: Union[bool, str] = "auto"
 
 
 @dataclass
@@ -158,8 +159,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
+CHOICES: dict[str, tuple[str | bool, ...]] = {
     "data.features": ("bow", "dense"),
+    "data.tfidf": ("auto", True, False),
     "model.encoder.type": ("bow", "dense"),
     "model.head.type": ("fixed-fanin", "dense", "bottleneck"),
     "model.head.impl": ("auto", "triton", "reference"),
@@ -227,7 +229,8 @@ def _build(cls: type, values: dict, prefix: str, source: str) -> Any:
             raise XMLSparseError(f"{source}: unknown key {key!r}{hint} (valid keys here: {valid})")
         kwargs[name] = _convert(value, hints[name], key, source)
         if key in CHOICES and kwargs[name] is not None and kwargs[name] not in CHOICES[key]:
-            raise XMLSparseError(f"{source}: {key} = {value!r}: expected one of {', '.join(CHOICES[key])}")
+            choices = ", ".join(str(c).lower() if isinstance(c, bool) else c for c in CHOICES[key])
+            raise XMLSparseError(f"{source}: {key} = {value!r}: expected one of {choices}")
     return cls(**kwargs)
 
 

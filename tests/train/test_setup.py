@@ -1,8 +1,11 @@
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
+from xmlsparse.config import config_from_dict
 from xmlsparse.data.formats import XMCData
-from xmlsparse.train.setup import normalized_rows, resolve_device
+from xmlsparse.errors import XMLSparseError
+from xmlsparse.train.setup import fit_preprocessing, normalized_rows, resolve_device, whole_number_values
 
 
 def test_normalized_rows_have_unit_norm_and_empty_rows_stay_empty():
@@ -17,3 +20,35 @@ def test_normalized_rows_have_unit_norm_and_empty_rows_stay_empty():
 
 def test_resolve_device_cpu():
     assert resolve_device("cpu").type == "cpu"
+
+
+def _data(values: list[float]) -> XMCData:
+    X = sp.csr_matrix(np.array([values, values[::-1]], dtype=np.float32))
+    Y = sp.csr_matrix(np.eye(2, dtype=np.float32))
+    return XMCData(X, Y, X.shape[1], 2)
+
+
+def test_whole_number_values_tells_counts_from_tfidf():
+    assert whole_number_values(_data([1.0, 0.0, 3.0]).X)
+    assert not whole_number_values(_data([0.25, 0.0, 0.5]).X)
+
+
+@pytest.mark.parametrize(
+    ("tfidf", "values", "reweighted"),
+    [("auto", [1.0, 0.0, 2.0], True), ("auto", [0.5, 0.0, 0.25], False), (True, [0.5, 0.0, 0.25], True), (False, [1.0, 0.0, 2.0], False)],
+)
+def test_tfidf_auto_weights_whole_number_features_only(tfidf, values, reweighted):
+    config = config_from_dict({"data": {"features": "bow", "tfidf": tfidf, "normalize": False}})
+    train = XMCData(
+        sp.csr_matrix(np.array([values, [values[0], 0.0, 0.0]], dtype=np.float32)),
+        sp.csr_matrix(np.eye(2, dtype=np.float32)), 3, 2,
+    )
+    out = fit_preprocessing(config, train)(train)
+    # The feature in both rows has idf 1 (smoothed: ln(3/3) + 1); the one in a single row more.
+    changed = not np.allclose(out.X.toarray(), train.X.toarray())
+    assert changed == reweighted
+
+
+def test_tfidf_rejects_other_values():
+    with pytest.raises(XMLSparseError, match="data.tfidf = 'yes': expected one of auto, true, false"):
+        config_from_dict({"data": {"tfidf": "yes"}})

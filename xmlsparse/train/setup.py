@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import sklearn.feature_extraction.text
 import sklearn.preprocessing
 import torch
@@ -53,12 +54,16 @@ def prepare_data(config: Config) -> PreparedData:
 
 def fit_preprocessing(config: Config, train: XMCData) -> Callable[[XMCData], XMCData]:
     """The feature transform of ``config.data`` fitted on ``train``: for BoW, optionally the training
-    split's smoothed idf, then optionally unit L2 rows; dense rows pass unchanged. Every input the
-    model sees (train, test, ``xmlsparse predict`` files) goes through the same transform."""
+    split's smoothed idf (``tfidf: auto`` applies it to whole-number features only), then
+    optionally unit L2 rows; dense rows pass unchanged. Every input the model sees (train, test,
+    ``xmlsparse predict`` files) goes through the same transform."""
     if config.data.features != "bow":
         return lambda data: data
     idf = None
-    if config.data.tfidf:
+    use_idf = config.data.tfidf
+    if use_idf == "auto":
+        use_idf = whole_number_values(train.X)
+    if use_idf:
         idf = sklearn.feature_extraction.text.TfidfTransformer(norm=None, smooth_idf=True).fit(train.X)
 
     def preprocess(data: XMCData) -> XMCData:
@@ -67,6 +72,13 @@ def fit_preprocessing(config: Config, train: XMCData) -> Callable[[XMCData], XMC
         return normalized_rows(data) if config.data.normalize else data
 
     return preprocess
+
+
+def whole_number_values(X: sp.spmatrix) -> bool:
+    """True when every stored value of ``X`` is a whole number: binary or count features, which
+    idf weighting turns into tf-idf, unlike features that are real-valued already."""
+    values = sp.csr_matrix(X).data
+    return bool(np.all(values == np.floor(values)))
 
 
 def normalized_rows(data: XMCData) -> XMCData:
