@@ -76,7 +76,7 @@ def bench(config_path: Path, data_dir: Path, batch_size: int, steps: int, warmup
     torch.manual_seed(0)
     data = prepare_data(config)
     torch.cuda.reset_peak_memory_stats()
-    model = model_for(config, data.train, device)
+    model = model_for(config, data.train.n_features, data.train.n_labels, device)
     optimizer = build_optimizer(model, config)
     loss = loss_fn(config.train.loss, consume_logits=True)
     iterator = BatchIterator(data.train.X, data.train.Y, batch_size, shuffle=True, seed=0, points=data.train_rows)

@@ -107,7 +107,7 @@ def main() -> None:
 
     torch.cuda.memory._record_memory_history(max_entries=TRACE_ENTRIES, stacks="python")
     markers = [("", _marker())]
-    model = model_for(config, data.train, device)
+    model = model_for(config, data.train.n_features, data.train.n_labels, device)
     optimizer = build_optimizer(model, config)
     loss = loss_fn(config.train.loss, consume_logits=True)
     model.train()

@@ -150,7 +150,8 @@ def test_space_file_ranges_and_choices_and_switched_off_sections(tmp_path):
     assert (space["train.optimizer.lr"].low, space["train.optimizer.lr"].log) == (1e-4, True)
     assert space["train.batch_size"].extremes() == [16, 64]
     assert space["train.loss"].extremes() == ["bce", "squared-hinge"]
-    check_space(space, {"train": {"epochs": 2}}, "space.yaml")
+    check_space(space, {"data": {"dataset": "d"}, "model": {"intermediate": {"size": 64}}, "train": {"epochs": 2}},
+                "space.yaml")
     # A key below a section the config turns off would turn it on.
     rewire = {"model.rewire.fraction": space["train.optimizer.lr"]}
     with pytest.raises(XMLSparseError, match="model.rewire is null"):

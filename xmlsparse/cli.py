@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import warnings
 from collections.abc import Callable
@@ -10,19 +11,109 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from xmlsparse.errors import XMLSparseError
+from xmlsparse.outputs import check_output_dir, check_output_file
 
-app = typer.Typer(
-    help="Extreme multi-label classification with sparse fixed fan-in output layers.",
+
+class _ClickStyleHelp:
+    """Help that shows no value type beside a flag, where typer writes ``<bool>``, and names
+    arguments in capitals (CONFIG, RUN_DIR) as click does."""
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        # Here rather than at construction: the --help option is only made on demand.
+        for param in params:
+            if param.metavar is None:
+                if isinstance(param, TyperOption) and param.is_flag:
+                    param.metavar = ""
+                elif isinstance(param, TyperArgument):
+                    param.metavar = param.name.upper()
+        return params
+
+
+class _Group(_ClickStyleHelp, TyperGroup):
+    """The ``xmlsparse`` group, with the help of ``_ClickStyleHelp``."""
+
+
+def _reflow(text: str | None) -> str | None:
+    """A docstring with each paragraph on one line: typer's rich help keeps the source's line
+    breaks, which then cut the help's own wrapping short mid-line."""
+    if text is None:
+        return None
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in paragraph.splitlines()) for paragraph in paragraphs)
+
+
+class _Command(_ClickStyleHelp, TyperCommand):
+    """A command with the help of ``_ClickStyleHelp``, help paragraphs reflowed, and a usage line in
+    click's form: ``CONFIG`` for a required argument and ``[RUN_DIR]`` for an optional one, where
+    typer writes ``{config}``."""
+
+    def __init__(self, *args: Any, help: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, help=_reflow(help), **kwargs)
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                pieces.append(param.metavar if param.required else f"[{param.metavar}]")
+        return pieces
+
+
+class _App(typer.Typer):
+    """A typer app whose commands are ``_Command`` unless a command asks for another class."""
+
+    def command(self, *args: Any, cls: type[TyperCommand] | None = None, **kwargs: Any) -> Callable:
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = _App(
+    cls=_Group,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("xmlsparse")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"xmlsparse {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit.",
+    ),
+) -> None:
+    """Extreme multi-label classification with sparse fixed fan-in output layers."""
+
+
+def os_error_line(error: OSError) -> str:
+    """An OS error as one line naming its path(s): ``path: strerror`` (``src -> dst: ...`` for a rename)."""
+    reason = error.strerror or str(error)
+    if error.filename is None:
+        return reason
+    paths = f"{error.filename} -> {error.filename2}" if error.filename2 is not None else f"{error.filename}"
+    return f"{paths}: {reason}"
+
+
 def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a user-input error into one line on stderr and exit status 2."""
+    """Turn a user-input error into one line on stderr and exit status 2, and an OS error that
+    no check caught beforehand (a disk that filled up, a folder made read-only meanwhile) into one
+    line and exit status 1."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -31,6 +122,9 @@ def one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except XMLSparseError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
+        except OSError as error:
+            typer.echo(f"error: {os_error_line(error)}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -86,6 +180,10 @@ def download_dataset_command(
     variant: str = typer.Option("bow", help="bow (tf-idf features) or raw (texts)."),
     url: Optional[str] = typer.Option(None, help="A mirror of your own to fetch the archive from."),
     from_file: Optional[Path] = typer.Option(None, help="Install an archive fetched by other means."),
+    force: bool = typer.Option(
+        False, "--force",
+        help="Install an archive whose counts differ from the registry's (features, labels, points beyond 1%).",
+    ),
 ) -> None:
     """Fetch, verify, extract and convert a standard data set."""
     from xmlsparse.data.download import download_dataset
@@ -96,7 +194,7 @@ def download_dataset_command(
         # A count mismatch is reported once, through progress, rather than twice.
         warnings.simplefilter("ignore", UserWarning)
         path = download_dataset(
-            name, root=root, variant=variant, url=url, from_file=from_file,
+            name, root=root, variant=variant, url=url, from_file=from_file, force=force,
             progress=lambda message: typer.echo(message, err=True),
         )
     typer.echo(f"{name} is ready in {path}")
@@ -123,40 +221,102 @@ def synth(
     if out is None:
         suffix = f"-{like}" + (f"-x{scale:g}" if scale != 1.0 else "") if like else ""
         out = Path("data") / f"synthetic{suffix}-{features}"
-    path = generate(
-        out, like=like, scale=scale, n_train=n_train, n_test=n_test, n_labels=n_labels,
-        n_features=n_features, labels_per_point=labels_per_point, features=features, dim=dim, seed=seed,
-    )
+    try:
+        path = generate(
+            out, like=like, scale=scale, n_train=n_train, n_test=n_test, n_labels=n_labels,
+            n_features=n_features, labels_per_point=labels_per_point, features=features, dim=dim, seed=seed,
+            progress=lambda message: typer.echo(message, err=True),
+        )
+    except KeyboardInterrupt:
+        # generate has removed its staging files by now; say so instead of printing a traceback
+        typer.echo(f"interrupted: {out} is as it was before", err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"synthetic data set written to {path}")
 
 
 @app.command()
 @one_line_errors
 def train(
-    config: Path = typer.Argument(..., help="YAML config, e.g. configs/quickstart.yaml."),
-    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.epochs=5 (repeatable)."),
+    config: Optional[Path] = typer.Argument(
+        None, help="YAML config, e.g. configs/quickstart.yaml; none with --resume, which uses the run's own.",
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", metavar="<key=value>",
+        help="Override a key, e.g. --set train.epochs=5; a list: --set 'eval.k=[1,10]' (repeatable). "
+        "With --resume only train.epochs=N, N more than the run's epochs.",
+    ),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<config name>)."),
-    resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the run already in the run directory (once the config and data load).",
+    ),
+    resume: Optional[Path] = typer.Option(
+        None, help="Continue the run in this directory, with its own config.yaml; a finished run is left as it is.",
+    ),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: the config's, auto)."),
 ) -> None:
     """Train a model; writes a run directory with checkpoints, metrics.jsonl and final.json."""
     from xmlsparse.config import load_config
-    from xmlsparse.train.trainer import resume_run, start_run
+    from xmlsparse.train.trainer import RunFinished, resume_run, start_run
 
     if device is not None and device not in ("cpu", "cuda", "auto"):
         raise XMLSparseError(f"--device {device!r}: expected cpu, cuda or auto")
     if resume is not None:
-        trainer = resume_run(resume, device)
+        _check_resume_arguments(resume, config, out, overwrite)
+        check_output_dir(resume)
+        try:
+            trainer = resume_run(resume, device, _resume_epochs(set_))
+        except RunFinished as finished:
+            typer.echo(str(finished))
+            return
     else:
+        if config is None:
+            raise XMLSparseError("give a CONFIG to start a run, or --resume RUN_DIR to continue one")
         overrides = list(set_) + ([f"train.device={device}"] if device else [])
         cfg = load_config(config, overrides)
         run_dir = out if out is not None else Path("runs") / config.stem
-        trainer = start_run(cfg, run_dir)
+        check_output_dir(run_dir)
+        trainer = start_run(cfg, run_dir, overwrite=overwrite)
     final = trainer.fit()
     if final is None:
         raise typer.Exit(130)
     typer.echo(f"test metrics of the best checkpoint ({trainer.run_dir / 'final.json'}):")
     _print_metrics(final["test"])
+
+
+def _check_resume_arguments(resume: Path, config: Path | None, out: Path | None, overwrite: bool) -> None:
+    """Refuse what --resume would otherwise ignore: the run's own config.yaml and directory are the truth."""
+    if config is not None:
+        raise XMLSparseError(
+            f"CONFIG {config} with --resume {resume}: a resumed run keeps its own {resume / 'config.yaml'}; "
+            f"leave out CONFIG (a changed config is a new run: xmlsparse train {config} --out NEW_DIR)"
+        )
+    if out is not None:
+        raise XMLSparseError(f"--out {out} with --resume {resume}: a resumed run stays in its own directory")
+    if overwrite:
+        raise XMLSparseError(
+            f"--overwrite with --resume {resume}: a resumed run continues its directory, it replaces nothing"
+        )
+
+
+def _resume_epochs(overrides: list[str]) -> int | None:
+    """The epochs of ``--set train.epochs=N`` given with --resume (None without it); any other key
+    is refused, since the run's own config.yaml is what it continues with."""
+    from xmlsparse.config import apply_overrides
+
+    epochs = None
+    for item in overrides:
+        values = apply_overrides({}, [item])
+        train = values.get("train")
+        if list(values) != ["train"] or not isinstance(train, dict) or list(train) != ["epochs"]:
+            raise XMLSparseError(
+                f"--set {item} with --resume: a resumed run keeps its own config.yaml; only train.epochs=N "
+                "(more epochs than the run's) may be set"
+            )
+        value = train["epochs"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise XMLSparseError(f"--set {item}: expected train.epochs=N, N a positive whole number of epochs")
+        epochs = value
+    return epochs
 
 
 @app.command(name="eval")
@@ -165,7 +325,9 @@ def eval_command(
     run_dir: Optional[Path] = typer.Argument(None, help="A run directory written by `xmlsparse train`."),
     split: str = typer.Option("test", help="test or val (with RUN_DIR)."),
     k: str = typer.Option("1,3,5", help="Comma-separated k values."),
-    save_predictions: bool = typer.Option(False, help="Write the top-k predictions into RUN_DIR."),
+    save_predictions: bool = typer.Option(
+        False, "--save-predictions", help="Write the top-k predictions into RUN_DIR.",
+    ),
     predictions: Optional[Path] = typer.Option(None, help="Score a prediction file (npz CSR or label:score lines)."),
     truth: Optional[Path] = typer.Option(None, help="Test data of the prediction file."),
     train_data: Optional[Path] = typer.Option(None, "--train", help="Training data (label frequencies for PSP@k)."),
@@ -178,13 +340,16 @@ def eval_command(
         None, help="Label-frequency buckets of the second table (default 3; a prediction file needs --train; 0: none).",
     ),
 ) -> None:
-    """Evaluate a run directory, or score a prediction file against a data set; a second table splits
-    P@k and PSP@k by the labels' training frequency (head, torso, tail)."""
-    from xmlsparse.evaluate import evaluate_predictions_file, evaluate_run_dir
+    """Evaluate a run directory, or score a prediction file against a data set.
+
+    A second table splits P@k and PSP@k by the labels' training frequency (head, torso, tail)."""
+    from xmlsparse.evaluate import evaluate_predictions_file, evaluate_run_dir, saved_predictions_path
     from xmlsparse.metrics import DEFAULT_BUCKETS
     from xmlsparse.train.trainer import write_json
 
     ks = _parse_ks(k)
+    if json_out is not None:
+        check_output_file(json_out)
     if predictions is not None:
         if run_dir is not None:
             raise XMLSparseError("give either RUN_DIR or --predictions with --truth, not both")
@@ -209,6 +374,8 @@ def eval_command(
         _print_frequency_table(table)
     if json_out is not None:
         write_json(json_out, metrics if table is None else {**metrics, "by_frequency": table})
+    if save_predictions and run_dir is not None:
+        typer.echo(f"predictions written to {saved_predictions_path(run_dir, split)}")
 
 
 @app.command()
@@ -222,8 +389,11 @@ def predict(
     """Write the top-k labels of every point of INPUT."""
     from xmlsparse.evaluate import predict_file
 
-    target = predict_file(run_dir, input_path, top_k, out)
-    typer.echo(f"predictions written to {target}")
+    written = predict_file(run_dir, input_path, top_k, out)
+    if written.top_k < top_k:
+        typer.echo(f"--top-k {top_k} is more than the model's {written.top_k} labels: wrote {written.top_k} per point",
+                   err=True)
+    typer.echo(f"predictions written to {written.path}")
 
 
 @app.command("tune")
@@ -232,7 +402,9 @@ def tune_command(
     config: Path = typer.Argument(..., help="YAML config; its train.early_stopping.metric is maximised."),
     trials: int = typer.Option(..., help="Trials to run in this call (a study already in --out continues)."),
     timeout: Optional[float] = typer.Option(None, help="Start no new trial after this many seconds."),
-    set_: list[str] = typer.Option([], "--set", help="Override a key in every trial: --set train.epochs=10."),
+    set_: list[str] = typer.Option(
+        [], "--set", metavar="<key=value>", help="Override a key in every trial: --set train.epochs=10 (repeatable).",
+    ),
     out: Optional[Path] = typer.Option(None, help="Study folder (default: runs/tune-<config name>)."),
     space: Optional[Path] = typer.Option(None, help="YAML search space: dotted key -> {type, low, high, log, choices}."),
 ) -> None:
@@ -244,6 +416,7 @@ def tune_command(
     if timeout is not None and timeout <= 0:
         raise XMLSparseError(f"--timeout {timeout:g}: expected a positive number of seconds")
     out = out if out is not None else Path("runs") / f"tune-{config.stem}"
+    check_output_dir(out)
     result = tune_config(config, trials, out, list(set_), space, timeout)
     typer.echo(format_trials(result))
     if result.best is None:
@@ -255,6 +428,22 @@ def tune_command(
     if result.interrupted:
         typer.echo(f"interrupted: the same command continues the study in {out}", err=True)
         raise typer.Exit(130)
+
+
+@app.command()
+@one_line_errors
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `xmlsparse train` (finished or not)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for report.png and report.html (default: RUN_DIR)."),
+) -> None:
+    """Draw a run's training curves into report.png and show them in report.html.
+
+    The figure also holds the test P@k by training label frequency and the memory by part; the page
+    adds the run's config and final metrics as tables. A run without final.json gets its curves."""
+    from xmlsparse.report import write_report
+
+    png, page = write_report(run_dir, out)
+    typer.echo(f"report written to {page} (figure: {png})")
 
 
 def main() -> None:

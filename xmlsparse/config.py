@@ -2,12 +2,15 @@
 
 Every error names the key (as a dotted path), the value and what was expected, and an unknown key
 suggests the closest valid one, so that a typo in a config never trains the wrong model silently.
+A field without a default must be given (the data set and the model section), and a field whose
+metadata holds a ``"range"`` (a :class:`Range`) is checked against it, entry by entry for a list.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -23,13 +26,55 @@ from xmlsparse.errors import XMLSparseError
 _FLOAT_PATTERN = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
+@dataclass(frozen=True)
+class Range:
+    """An interval of allowed values; a bound of None is open-ended. NaN and infinities are never
+    in it (an infinite learning rate or interval is a mistake, and null already means "none")."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_ONE = Range(low=1)
+POSITIVE = Range(low=0, low_open=True)
+NON_NEGATIVE = Range(low=0)
+RATE = Range(0, 1, high_open=True)  # a dropout rate: 1 would drop everything
+OPEN_UNIT = Range(0, 1, low_open=True, high_open=True)
+SHARE = Range(0, 1, low_open=True)
+UNIT = Range(0, 1)
+SEED = Range(0, 2**32 - 1)  # what numpy's global seed accepts
+
+
+def ranged(default: Any, allowed: Range) -> Any:
+    """A dataclass field with ``default`` whose values (when not null) must lie in ``allowed``."""
+    return field(default=default, metadata={"range": allowed})
+
+
 @dataclass
 class DataConfig:
     # A registry name (looked up under `root`), a directory, or a mapping of paths (train, test, ...).
-    dataset: Union[str, dict] = "quickstart"
+    dataset: Union[str, dict]
     root: str = "data"
     features: str = "bow"  # bow | dense (precomputed .npy rows)
-    validation: float = 0.05  # fraction of train held out for early stopping and schedules
+    # Fraction of train held out for early stopping and schedules: without any, no epoch has a
+    # validation score to select the best checkpoint by.
+    validation: float = ranged(0.05, OPEN_UNIT)
     # BoW rows scaled to unit L2 norm on load (raw counts make the first layer's scale depend on
     # document length); dense rows are used as given.
     normalize: bool = True
@@ -42,35 +87,35 @@ class DataConfig:
 @dataclass
 class EncoderConfig:
     type: Union[str, None] = None  # bow | dense; null follows data.features
-    dim: int = 512  # bow: embedding size
-    input_dropout: float = 0.0  # bow: share of a document's words dropped in training
-    hidden: list = field(default_factory=list)
-    dropout: float = 0.1
+    dim: int = ranged(512, AT_LEAST_ONE)  # bow: embedding size
+    input_dropout: float = ranged(0.0, RATE)  # bow: share of a document's words dropped in training
+    hidden: list[int] = field(default_factory=list, metadata={"range": AT_LEAST_ONE})  # layer sizes
+    dropout: float = ranged(0.1, RATE)
     activation: str = "relu"
 
 
 @dataclass
 class IntermediateConfig:
-    size: int = 65536
+    size: int = ranged(65536, AT_LEAST_ONE)
     activation: str = "relu"
 
 
 @dataclass
 class HeadConfig:
     type: str = "fixed-fanin"  # fixed-fanin | dense | bottleneck
-    fan_in: int = 64
-    rank: int = 64  # bottleneck width
+    fan_in: int = ranged(64, AT_LEAST_ONE)
+    rank: int = ranged(64, AT_LEAST_ONE)  # bottleneck width
     activation: str = "relu"  # bottleneck activation
     impl: str = "auto"  # fixed-fanin op: auto | triton | reference
 
 
 @dataclass
 class RewireConfig:
-    interval: int = 1000  # optimizer steps between rewiring rounds
-    fraction: float = 0.1  # share of the layer's connections pruned (smallest |W|) each round
-    threshold: Union[float, None] = None  # prune |W| below this instead of a fraction
-    threshold_decay: float = 1.0  # threshold multiplier applied after each round
-    stop: float = 0.66  # fraction of the planned steps after which rewiring stops
+    interval: int = ranged(1000, AT_LEAST_ONE)  # optimizer steps between rewiring rounds
+    fraction: float = ranged(0.1, SHARE)  # share of the layer's connections pruned (smallest |W|) each round
+    threshold: Union[float, None] = ranged(None, NON_NEGATIVE)  # prune |W| below this instead of a fraction
+    threshold_decay: float = ranged(1.0, SHARE)  # threshold multiplier applied after each round
+    stop: float = ranged(0.66, UNIT)  # fraction of the planned steps after which rewiring stops
     new_weights: str = "zero"  # zero | random
 
 
@@ -85,12 +130,12 @@ class ModelConfig:
 @dataclass
 class OptimizerConfig:
     type: str = "adam"  # adam | adamw
-    lr: float = 1.0e-3
-    weight_decay: float = 0.0
-    # Per-part learning rates; None takes `lr`.
-    lr_encoder: Union[float, None] = None
-    lr_intermediate: Union[float, None] = None
-    lr_head: Union[float, None] = None
+    lr: float = ranged(1.0e-3, POSITIVE)
+    weight_decay: float = ranged(0.0, NON_NEGATIVE)
+    # Per-part learning rates; None takes `lr`. 0 is allowed here: it freezes that part.
+    lr_encoder: Union[float, None] = ranged(None, NON_NEGATIVE)
+    lr_intermediate: Union[float, None] = ranged(None, NON_NEGATIVE)
+    lr_head: Union[float, None] = ranged(None, NON_NEGATIVE)
     # Adam's two moments: float32 (torch's Adam) or bfloat16 (CompactAdam, stochastic rounding:
     # half the optimizer memory).
     moments: str = "float32"
@@ -102,17 +147,17 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     type: str = "plateau"  # plateau | cosine | constant
-    metric: str = "P@3"
-    factor: float = 0.5
-    patience: int = 2
-    warmup_steps: int = 0  # cosine only
-    min_lr: float = 0.0
+    metric: str = "P@3"  # plateau only
+    factor: float = ranged(0.5, OPEN_UNIT)  # plateau: the learning rate's multiplier when it stalls
+    patience: int = ranged(2, NON_NEGATIVE)
+    warmup_steps: int = ranged(0, NON_NEGATIVE)  # cosine only
+    min_lr: float = ranged(0.0, NON_NEGATIVE)
 
 
 @dataclass
 class EarlyStoppingConfig:
     metric: str = "P@3"
-    patience: int = 4  # epochs without improvement; 0 disables
+    patience: int = ranged(4, NON_NEGATIVE)  # epochs without improvement; 0 disables
 
 
 @dataclass
@@ -123,8 +168,8 @@ class CheckpointConfig:
     # end of each epoch), always at the end of training and on SIGINT; a resume from an older one
     # trains the epochs since again, identically on CPU. best.pt (the model alone) is written
     # whenever validation improves, whatever these say.
-    every_epochs: int = 1
-    every_minutes: Union[float, None] = None
+    every_epochs: int = ranged(1, AT_LEAST_ONE)
+    every_minutes: Union[float, None] = ranged(None, POSITIVE)
     # Copy the state to host memory and write it from a background thread while training goes on
     # (at most one write in flight; the next save waits for it): the loop waits for the copy only.
     background: bool = True
@@ -132,29 +177,31 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    batch_size: int = 32
-    eval_batch_size: int = 512
+    epochs: int = ranged(100, AT_LEAST_ONE)
+    batch_size: int = ranged(32, AT_LEAST_ONE)
+    eval_batch_size: int = ranged(512, AT_LEAST_ONE)
     loss: str = "squared-hinge"  # squared-hinge | bce
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     precision: str = "bf16"  # bf16 | fp32 (CPU always runs fp32)
-    seed: int = 0
+    seed: int = ranged(0, SEED)
     device: str = "auto"  # auto | cpu | cuda
-    max_steps_per_epoch: Union[int, None] = None  # shortened epochs for benchmarks
+    max_steps_per_epoch: Union[int, None] = ranged(None, AT_LEAST_ONE)  # shortened epochs for benchmarks
 
 
 @dataclass
 class EvalConfig:
-    k: list = field(default_factory=lambda: [1, 3, 5])
+    k: list[int] = field(default_factory=lambda: [1, 3, 5], metadata={"range": AT_LEAST_ONE})
 
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # No defaults: the data set and the model define the run, and the model's defaults are the
+    # paper's (a 65,536-unit intermediate layer), too large to build by accident.
+    data: DataConfig
+    model: ModelConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -181,8 +228,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (and build nested dataclasses)."""
+def _convert(value: Any, tp: Any, key: str, source: str, missing: list[str]) -> Any:
+    """Check ``value`` against the annotation ``tp`` (and build nested dataclasses, adding the keys
+    they lack to ``missing``)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         options = typing.get_args(tp)
@@ -193,16 +241,21 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             if option is type(None):
                 continue
             try:
-                return _convert(value, option, key, source)
+                return _convert(value, option, key, source, missing)
             except XMLSparseError as error:
                 errors.append(error)
         if dataclasses.is_dataclass(next(o for o in options if o is not type(None))) and errors:
             raise errors[0]
         names = " or ".join("null" if o is type(None) else _type_name(o) for o in options)
         raise XMLSparseError(f"{source}: {key} = {value!r}: expected {names}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise XMLSparseError(f"{source}: {key} = {value!r}: expected a list, got {type(value).__name__}")
+        (item_type,) = typing.get_args(tp)
+        return [_convert(item, item_type, f"{key}[{i}]", source, missing) for i, item in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
-            return _build(tp, value, key, source)
+            return _build(tp, value, key, source, missing)
         raise XMLSparseError(f"{source}: {key} = {value!r}: expected a mapping of {tp.__name__} keys")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -216,41 +269,84 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
 
 
-def _build(cls: type, values: dict, prefix: str, source: str) -> Any:
+def _required(spec: dataclasses.Field) -> bool:
+    """A field without a default: a config must give it."""
+    return spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+
+
+def _required_keys(tp: Any, key: str) -> list[str]:
+    """The dotted keys an absent required ``key`` of type ``tp`` stands for: the required keys of
+    the section when it has any (``data`` -> ``data.dataset``), else ``key`` itself."""
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        inner = [
+            name
+            for spec in dataclasses.fields(tp)
+            if _required(spec)
+            for name in _required_keys(hints[spec.name], f"{key}.{spec.name}")
+        ]
+        if inner:
+            return inner
+    return [key]
+
+
+def _check_range(raw: Any, value: Any, allowed: Range, key: str, source: str) -> None:
+    """``value`` (converted from ``raw``; a list: each of its entries) must lie in ``allowed``."""
+    if isinstance(value, list):
+        for entry in value:
+            if entry not in allowed:
+                raise XMLSparseError(
+                    f"{source}: {key} = {raw!r}: {entry!r} is out of range, every entry must be {allowed}"
+                )
+    elif value not in allowed:
+        raise XMLSparseError(f"{source}: {key} = {raw!r}: out of range, expected a value {allowed}")
+
+
+def _build(cls: type, values: dict, prefix: str, source: str, missing: list[str]) -> Any:
+    """Validate ``values`` into ``cls``: an unknown key, a wrong type, a value outside the choices or
+    the field's range raises at once; the required keys that are absent here or below are added to
+    ``missing`` (dotted), and then nothing is built (None), so that one error can name them all."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    specs = {spec.name: spec for spec in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in names:
-            close = difflib.get_close_matches(str(name), names, n=1)
+        if name not in specs:
+            close = difflib.get_close_matches(str(name), list(specs), n=1)
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
-            valid = ", ".join(names)
+            valid = ", ".join(specs)
             raise XMLSparseError(f"{source}: unknown key {key!r}{hint} (valid keys here: {valid})")
-        kwargs[name] = _convert(value, hints[name], key, source)
+        if value == {} and _required(specs[name]):
+            # An empty required section would be all defaults: it is as absent as a missing one.
+            continue
+        kwargs[name] = _convert(value, hints[name], key, source, missing)
         if key in CHOICES and kwargs[name] is not None and kwargs[name] not in CHOICES[key]:
             choices = ", ".join(str(c).lower() if isinstance(c, bool) else c for c in CHOICES[key])
             raise XMLSparseError(f"{source}: {key} = {value!r}: expected one of {choices}")
-    return cls(**kwargs)
+        allowed = specs[name].metadata.get("range")
+        if allowed is not None and kwargs[name] is not None:
+            _check_range(value, kwargs[name], allowed, key, source)
+    for name, spec in specs.items():
+        if _required(spec) and name not in kwargs:
+            missing.extend(_required_keys(hints[name], f"{prefix}.{name}" if prefix else name))
+    return None if missing else cls(**kwargs)
 
 
 def config_from_dict(values: dict, source: str = "config") -> Config:
-    """Validate a nested mapping into a :class:`Config`; defaults fill what is absent."""
+    """Validate a nested mapping into a :class:`Config`. Defaults fill what is absent but for the data
+    set (``data.dataset``) and the ``model`` section, which define the run and must be given."""
     if not isinstance(values, dict):
         raise XMLSparseError(f"{source}: expected a mapping of sections (data, model, train, eval)")
-    config = _build(Config, values, "", source)
-    _check_metric_names(config, source)
-    checkpoint = config.train.checkpoint
-    if checkpoint.every_epochs < 1:
+    missing: list[str] = []
+    config = _build(Config, values, "", source, missing)
+    if missing:
         raise XMLSparseError(
-            f"{source}: train.checkpoint.every_epochs = {checkpoint.every_epochs!r}: "
-            "expected a positive number of epochs"
+            f"{source}: missing {' and '.join(missing)}: a config names its data set (data.dataset) and "
+            "describes its model (a model: section); start from configs/recipes/bow.yaml (bag-of-words "
+            "features) or configs/quickstart.yaml (dense features)"
         )
-    if checkpoint.every_minutes is not None and not checkpoint.every_minutes > 0:
-        raise XMLSparseError(
-            f"{source}: train.checkpoint.every_minutes = {checkpoint.every_minutes!r}: "
-            "expected a positive number of minutes, or null"
-        )
+    _check_metric_names(config, values, source)
+    _check_model_fits(config, source)
     optimizer = config.train.optimizer
     if optimizer.head_update_in_backward and optimizer.moments != "bfloat16":
         raise XMLSparseError(
@@ -260,24 +356,76 @@ def config_from_dict(values: dict, source: str = "config") -> Config:
     return config
 
 
+def _head_inputs(config: Config) -> tuple[int, str] | None:
+    """How many inputs the head reads and the key that sets that number, when the config alone
+    decides it (a dense encoder without hidden layers passes on the data's feature columns)."""
+    model = config.model
+    if model.intermediate is not None:
+        return model.intermediate.size, "model.intermediate.size"
+    if model.encoder.hidden:
+        return model.encoder.hidden[-1], "model.encoder.hidden"
+    if (model.encoder.type or config.data.features) == "bow":
+        return model.encoder.dim, "model.encoder.dim"
+    return None
+
+
+def _check_model_fits(config: Config, source: str) -> None:
+    """The checks that building the model would make after loading the data, where the config alone
+    decides them: the encoder reads the data's kind of features, a label's fan-in fits its inputs."""
+    model = config.model
+    if model.encoder.type is not None and model.encoder.type != config.data.features:
+        raise XMLSparseError(
+            f"{source}: model.encoder.type = {model.encoder.type!r} but data.features = {config.data.features!r}: "
+            "they must agree (null follows data.features)"
+        )
+    inputs = _head_inputs(config)
+    if model.head.type == "fixed-fanin" and inputs is not None and model.head.fan_in > inputs[0]:
+        raise XMLSparseError(
+            f"{source}: model.head.fan_in = {model.head.fan_in} exceeds the {inputs[0]} inputs the head reads "
+            f"({inputs[1]})"
+        )
+
+
 METRIC_FAMILIES = ("P", "nDCG", "PSP", "PSnDCG", "R")
 
 
-def _check_metric_names(config: Config, source: str) -> None:
-    """The validation metrics that drive the schedule and early stopping must be ones evaluation reports."""
+def _given(values: dict, dotted: str) -> bool:
+    """Whether the raw mapping ``values`` sets the dotted key (rather than leaving it to its default)."""
+    node: Any = values
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _check_metric_names(config: Config, values: dict, source: str) -> None:
+    """The validation metrics that drive the schedule and early stopping must be ones evaluation
+    reports. A metric the config sets is blamed as written; a default one, which the config never
+    mentions, is named as the default together with the ways out."""
     ks = config.eval.k
-    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-        raise XMLSparseError(f"{source}: eval.k = {ks!r}: expected a list of positive integers")
+    if not ks:
+        raise XMLSparseError(f"{source}: eval.k = []: expected at least one k")
     valid = [f"{family}@{k}" for family in METRIC_FAMILIES for k in ks]
-    for key, name in (
-        ("train.schedule.metric", config.train.schedule.metric),
-        ("train.early_stopping.metric", config.train.early_stopping.metric),
-    ):
-        if name not in valid:
+    checked = [("train.early_stopping.metric", config.train.early_stopping.metric)]
+    if config.train.schedule.type == "plateau":  # the other schedules read no metric
+        checked.insert(0, ("train.schedule.metric", config.train.schedule.metric))
+    unreported = [(key, name) for key, name in checked if name not in valid]
+    for key, name in unreported:
+        if _given(values, key):
             by_lower = {v.lower(): v for v in valid}
             close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1)
             hint = f"; did you mean {by_lower[close[0]]!r}?" if close else ""
             raise XMLSparseError(f"{source}: {key} = {name!r} is not a reported metric{hint} (reported: {', '.join(valid)})")
+    if unreported:
+        name = unreported[0][1]
+        keys = " and ".join(key for key, other in unreported if other == name)
+        family, k = name.split("@")
+        nearest = min(ks, key=lambda candidate: (abs(candidate - int(k)), candidate))
+        raise XMLSparseError(
+            f"{source}: the default metric {name} of {keys} is not reported with eval.k = {ks}; "
+            f"set {keys} to a reported metric (such as {family}@{nearest}) or add {k} to eval.k"
+        )
 
 
 def _set_dotted(values: dict, dotted: str, raw: str) -> None:

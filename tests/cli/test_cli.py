@@ -3,7 +3,9 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
 import yaml
 from typer.testing import CliRunner
 
@@ -168,3 +170,63 @@ def test_predict_applies_the_training_preprocessing(tmp_path):
     expected = [[token.split(":")[0] for token in line.split()] for line in (run / "predictions-test.txt").read_text().splitlines()[1:]]
     predicted = [[token.split(":")[0] for token in line.split()] for line in out.read_text().splitlines()[1:]]
     assert predicted == expected
+
+
+XC_TRAIN = "3 4 3\n0 1:1\n1 2:1\n2 3:1\n"  # 3 points, 4 features, 3 labels
+
+
+def xc_set(folder: Path, train: str, test: str) -> None:
+    (folder / "train.txt").write_text(train)
+    (folder / "test.txt").write_text(test)
+
+
+def dense_set_with_nan(folder: Path) -> None:
+    for split, n_points in (("trn", 3), ("tst", 2)):
+        rows = np.ones((n_points, 2), np.float32)
+        sp.save_npz(folder / f"Y.{split}.npz", sp.csr_matrix(np.eye(n_points, 3, dtype=np.float32)))
+        np.save(folder / f"X.{split}.npy", rows)
+    rows[1, 0] = np.nan
+    np.save(folder / "X.tst.npy", rows)
+
+
+def npz_set_with_text_labels(folder: Path) -> None:
+    for split, n_points in (("trn", 3), ("tst", 2)):
+        sp.save_npz(folder / f"X.{split}.npz", sp.csr_matrix(np.ones((n_points, 4), np.float32)))
+        sp.save_npz(folder / f"Y.{split}.npz", sp.csr_matrix(np.eye(n_points, 3, dtype=np.float32)))
+    (folder / "Y.tst.npz").write_text("2 3\n0:1\n1:1\n")
+
+
+@pytest.mark.parametrize(
+    ("make", "features", "message"),
+    [
+        (
+            lambda d: xc_set(d, XC_TRAIN, "2 9 3\n0 1:1\n1 8:1\n"),
+            "bow",
+            "test.txt: the test split has 9 features but the training split",
+        ),
+        (lambda d: xc_set(d, XC_TRAIN, "2 4 7\n6 1:1\n1 2:1\n"), "bow", "test.txt: the test split has 7 labels"),
+        (
+            lambda d: xc_set(d, "3 4 3\n0 1:1\n1 2:nan\n2 3:1\n", XC_TRAIN),
+            "bow",
+            "train.txt line 3: value 'nan' of feature 2 is not finite",
+        ),
+        (dense_set_with_nan, "dense", "X.tst.npy: row 1 (counting from 0) holds nan in column 0"),
+        (npz_set_with_text_labels, "bow", "Y.tst.npz: not an npz archive (it is text starting '2 3')"),
+    ],
+    ids=["test-features-beyond-train", "test-labels-beyond-train", "nan-in-text", "nan-in-npy", "text-named-npz"],
+)
+def test_bad_data_set_stops_train_before_a_run_directory(make, features, message, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    make(data)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"dataset": str(data), "features": features},
+        "model": {"intermediate": {"size": 16}, "head": {"fan_in": 4}},
+        "train": {"epochs": 1, "device": "cpu"},
+    }))
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(config), "--out", str(run)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not run.exists()

@@ -1,4 +1,5 @@
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -151,14 +152,21 @@ def test_read_only_folder_uses_the_cache_dir(small_file, private_cache_dir):
         folder.chmod(stat.S_IRWXU)
 
 
-def test_shared_data_set_is_cached_outside_its_folder(shared_datasets, private_cache_dir):
-    source = shared_datasets / "bibtex" / "test.txt"
-    before = sorted(p.name for p in source.parent.iterdir())
-    first = load_split(source)
-    second = load_split(source)
-    assert same(first, second) and first.n_points == 2515
-    assert sorted(p.name for p in source.parent.iterdir()) == before
-    assert len(list(private_cache_dir.glob("test.txt.*" + CACHE_SUFFIX))) == 1
+def test_shared_data_set_is_cached_outside_its_folder(shared_datasets, private_cache_dir, tmp_path):
+    # A read-only copy of its own: whether ../shared is writable where the tests run does not matter.
+    folder = tmp_path / "bibtex"
+    folder.mkdir()
+    source = folder / "test.txt"
+    shutil.copyfile(shared_datasets / "bibtex" / "test.txt", source)
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    try:
+        first = load_split(source)
+        second = load_split(source)
+        assert same(first, second) and first.n_points == 2515
+        assert [p.name for p in folder.iterdir()] == ["test.txt"]
+        assert len(list(private_cache_dir.glob("test.txt.*" + CACHE_SUFFIX))) == 1
+    finally:
+        folder.chmod(stat.S_IRWXU)
 
 
 def test_dense_features_are_cached(tmp_path):

@@ -1,6 +1,7 @@
 """The data set registry and the resolution of names, directories and mappings to splits."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -299,6 +300,119 @@ def test_dense_features_pair_with_text_labels(tmp_path):
     train, test, _ = load_dataset(tmp_path, features="dense")
     assert train.X.shape == (3, 5) and test.X.shape == (2, 5)
     np.testing.assert_array_equal(train.Y.toarray(), TRAIN.Y.toarray())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Test splits that do not fit the training split
+
+
+def xc_folder(folder: Path, test_text: str) -> Path:
+    write_xc_text(folder / "train.txt", TRAIN)  # 3 points, 4 features, 3 labels
+    (folder / "test.txt").write_text(test_text)
+    return folder
+
+
+def npz_folder_with_wide_test_features(folder: Path) -> Path:
+    write_npz_layout(folder)
+    wide = sp.csr_matrix(([1.0, 1.0], ([0, 1], [1, 5])), shape=(2, 6), dtype=np.float32)
+    sp.save_npz(folder / "X.tst.npz", wide)
+    return folder
+
+
+def split_text_folder_with_more_test_labels(folder: Path) -> Path:
+    for prefix, data in (("trn", TRAIN), ("tst", TEST)):
+        write_text_lines(folder / f"{prefix}_X_Xf.txt", f"{data.n_points} {data.n_features}", data.X)
+    write_text_lines(folder / "trn_X_Y.txt", "3 3", TRAIN.Y)
+    (folder / "tst_X_Y.txt").write_text("2 5\n0:1\n4:1\n")
+    return folder
+
+
+def dense_folder_with_wider_test_rows(folder: Path) -> Path:
+    for split, data, width in (("trn", TRAIN, 2), ("tst", TEST, 3)):
+        sp.save_npz(folder / f"Y.{split}.npz", data.Y)
+        np.save(folder / f"X.{split}.npy", np.ones((data.n_points, width), np.float32))
+    return folder
+
+
+def mapping_with_more_test_labels(folder: Path) -> dict:
+    write_xc_text(folder / "a.txt", TRAIN)
+    (folder / "b.txt").write_text("2 4 4\n3 1:1\n0 2:1\n")
+    return {"train": str(folder / "a.txt"), "test": str(folder / "b.txt")}
+
+
+@pytest.mark.parametrize(
+    "make, features, expected",
+    [
+        (
+            lambda d: xc_folder(d, "2 6 3\n1 1:1\n0 5:1\n"),
+            "bow",
+            "test.txt: the test split has 6 features but the training split ({d}/train.txt) has 4, "
+            "and line 3 uses feature id 5; expected feature ids below 4",
+        ),
+        (
+            lambda d: xc_folder(d, "2 4 5\n1 1:1\n4 2:1\n"),
+            "bow",
+            "test.txt: the test split has 5 labels but the training split ({d}/train.txt) has 3, "
+            "and line 3 uses label id 4; expected label ids below 3",
+        ),
+        (
+            npz_folder_with_wide_test_features,
+            "bow",
+            "X.tst.npz: the test split has 6 features but the training split ({d}/X.trn.npz) has 4, "
+            "and row 1 (counting from 0) uses feature id 5; expected feature ids below 4",
+        ),
+        (
+            split_text_folder_with_more_test_labels,
+            "bow",
+            "tst_X_Y.txt: the test split has 5 labels but the training split ({d}/trn_X_Y.txt) has 3, "
+            "and line 3 uses label id 4",
+        ),
+        (
+            dense_folder_with_wider_test_rows,
+            "dense",
+            "X.tst.npy: test feature rows have 3 columns but the training rows ({d}/X.trn.npy) have 2; "
+            "expected the same width",
+        ),
+        (
+            mapping_with_more_test_labels,
+            "bow",
+            "b.txt: the test split has 4 labels but the training split ({d}/a.txt) has 3, and line 2 uses label id 3",
+        ),
+    ],
+    ids=["xc-features", "xc-labels", "npz-features", "split-text-labels", "dense-width", "mapping-labels"],
+)
+def test_test_split_beyond_the_training_split(tmp_path, make, features, expected):
+    spec = make(tmp_path)
+    with pytest.raises(XMLSparseError) as caught:
+        load_dataset(spec, features=features)
+    message = str(caught.value)
+    assert message.startswith(str(tmp_path)) and "\n" not in message
+    assert expected.format(d=tmp_path) in message
+
+
+@pytest.mark.parametrize(
+    "test_text, warnings",
+    [
+        ("2 3 3\n1 1:1\n0 2:1\n", ["declares 3 features and the training split .* 4; its feature ids all lie below 4"]),
+        ("2 9 3\n1 1:1\n0 3:1\n", ["declares 9 features and the training split .* 4; its feature ids all lie below 4"]),
+        (
+            "2 2 2\n1 1:1\n0 0:1\n",
+            ["declares 2 features .* 4; its feature ids", "declares 2 labels .* 3; its label ids all lie below 3"],
+        ),
+    ],
+    ids=["fewer-features", "more-features-whose-ids-fit", "fewer-features-and-labels"],
+)
+def test_test_split_whose_ids_fit_takes_the_training_shape(tmp_path, test_text, warnings):
+    with pytest.warns(UserWarning) as caught:
+        train, test, _ = load_dataset(xc_folder(tmp_path, test_text))
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == len(warnings)
+    for message, pattern in zip(messages, warnings):
+        assert message.startswith(str(tmp_path / "test.txt") + ": the test split ")
+        assert re.search(pattern, message), message
+    assert (test.n_features, test.n_labels) == (train.n_features, train.n_labels) == (4, 3)
+    assert test.X.shape == (2, 4) and test.Y.shape == (2, 3)
+    assert test.X.nnz == 2 and test.Y.nnz == 2 and test.Y[0].indices.tolist() == [1]  # nothing dropped
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from xmlsparse.data.datasets import ArchiveLayout, DatasetInfo, Mirror, load_dat
 from xmlsparse.data.download import download_dataset
 from xmlsparse.errors import XMLSparseError
 
+from cli_checks import cli, error_line, tree
+
 # A tiny data set: 4 train points, 3 test points, 6 features, 5 labels.
 X_TRN = sp.csr_matrix(
     np.array([[1, 0, 0, 0.5, 0, 0], [0, 0.25, 0, 0, 0, 0], [0, 0, 1, 0, 0, 2], [0, 0, 0, 0, 3, 0]], np.float32)
@@ -89,8 +91,10 @@ def drive_archive() -> bytes:
     )
 
 
-def tiny_registry(*mirrors: Mirror, n_train: int = 4) -> dict[str, DatasetInfo]:
-    return {"tiny": DatasetInfo("tiny", 6, 5, n_train, 3, 1.5, 0.6, 2.6, mirrors)}
+def tiny_registry(
+    *mirrors: Mirror, n_train: int = 4, n_test: int = 3, n_features: int = 6, n_labels: int = 5
+) -> dict[str, DatasetInfo]:
+    return {"tiny": DatasetInfo("tiny", n_features, n_labels, n_train, n_test, 1.5, 0.6, 2.6, mirrors)}
 
 
 def pecos_mirror(url: str) -> Mirror:
@@ -362,7 +366,7 @@ def test_bad_archive_is_refused_and_nothing_is_left(server, tmp_path, body, reas
     root = tmp_path / "data"
     with pytest.raises(XMLSparseError, match=reason):
         download_dataset("tiny", root, registry=tiny_registry(pecos_mirror(server.url("/tiny.tar.gz"))), **TIMEOUT)
-    assert leftovers(root) == [] and not (root / "tiny").exists()
+    assert not root.exists()  # not even the root folder that the call created
 
 
 def traversal_archives(tmp_path: Path) -> dict[str, tuple[bytes, str]]:
@@ -402,19 +406,75 @@ def test_traversal_archive_served_over_http_is_refused(server, tmp_path):
     assert leftovers(root) == []
 
 
-def test_count_mismatch_warns_with_both_numbers(server, tmp_path):
+@pytest.mark.parametrize(
+    "counts, message",
+    [
+        ({"n_train": 40}, "expects 40 train points, the archive has 4"),
+        ({"n_test": 30}, "expects 30 test points, the archive has 3"),
+        ({"n_features": 7}, "expects 7 features, the archive has 6"),
+        ({"n_labels": 4}, "expects 4 labels, the archive has 5"),
+    ],
+    ids=["train-points", "test-points", "features", "labels"],
+)
+def test_counts_beyond_the_tolerance_are_refused_and_nothing_is_left(tmp_path, monkeypatch, counts, message):
+    monkeypatch.setitem(download.REGISTRY, "tiny", tiny_registry(**counts)["tiny"])
+    archive = tmp_path / "tiny.tar.gz"
+    archive.write_bytes(pecos_archive())
+    root = tmp_path / "data"
+    line = error_line(cli("download-dataset", "tiny", "--root", root, "--from-file", archive))
+    assert message in line and line.endswith("install it anyway with --force")
+    assert not root.exists()
+
+
+def test_force_installs_a_mismatch_and_warns_with_both_numbers(server, tmp_path):
     server.routes["/tiny.tar.gz"] = serve(pecos_archive())
     root = tmp_path / "data"
     messages = []
     with pytest.warns(UserWarning, match="expects 40 train points, the archive has 4"):
         download_dataset(
             "tiny", root, registry=tiny_registry(pecos_mirror(server.url("/tiny.tar.gz")), n_train=40),
-            progress=messages.append, **TIMEOUT,
+            progress=messages.append, force=True, **TIMEOUT,
         )
-    assert any("40" in m and "has 4" in m for m in messages)
+    assert "warning: tiny: the registry expects 40 train points, the archive has 4" in messages
     meta = json.loads((root / "tiny" / "meta.json").read_text())
     assert meta["warnings"] == ["tiny: the registry expects 40 train points, the archive has 4"]
     assert_installed(root / "tiny")
+
+
+def repeated_archive(tmp_path: Path, times: int) -> Path:
+    """The tiny train split repeated `times` times (4 x times points) in the Drive layout."""
+    archive = tmp_path / "Tiny.zip"
+    archive.write_bytes(
+        zip_bytes(
+            {
+                "Tiny/tiny_train.txt": xc_text(sp.vstack([X_TRN] * times, "csr"), sp.vstack([Y_TRN] * times, "csr"))
+                .encode(),
+                "Tiny/tiny_test.txt": xc_text(X_TST, Y_TST).encode(),
+            }
+        )
+    )
+    return archive
+
+
+@pytest.mark.parametrize("expected", [202, 199])
+def test_points_within_one_percent_install_with_a_warning(tmp_path, expected):
+    archive = repeated_archive(tmp_path, 50)  # 200 train points: 2 fewer than 202, 1 more than 199
+    root = tmp_path / "data"
+    registry = tiny_registry(drive_mirror("http://127.0.0.1:9/"), n_train=expected)
+    with pytest.warns(UserWarning, match=f"expects {expected} train points, the archive has 200"):
+        download_dataset("tiny", root, registry=registry, from_file=archive)
+    assert json.loads((root / "tiny" / "meta.json").read_text())["warnings"] == [
+        f"tiny: the registry expects {expected} train points, the archive has 200"
+    ]
+
+
+def test_points_just_beyond_one_percent_are_refused(tmp_path):
+    archive = repeated_archive(tmp_path, 50)  # 200 train points: 3 fewer than 203 is beyond 1%
+    root = tmp_path / "data"
+    registry = tiny_registry(drive_mirror("http://127.0.0.1:9/"), n_train=203)
+    with pytest.raises(XMLSparseError, match="expects 203 train points, the archive has 200"):
+        download_dataset("tiny", root, registry=registry, from_file=archive)
+    assert not root.exists()
 
 
 def test_no_network_names_every_url_and_the_from_file_command(tmp_path, monkeypatch):
@@ -542,3 +602,98 @@ def test_whole_file_already_on_disk_is_not_fetched_again(server, tmp_path):
     (request,) = server.hits("/tiny.tar.gz")
     assert request[2]["Range"] == f"bytes={len(body)}-"
     assert_installed(root / "tiny")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Through the command line
+
+
+def eurlex_sample(tmp_path: Path) -> Path:
+    """300 train and 100 test points with eurlex-4k's 5,000 features and 3,993 labels, in its Drive layout."""
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> str:
+        rows = np.arange(n)
+        X = sp.csr_matrix((np.ones(n, np.float32), (rows, rng.integers(0, 5000, n))), shape=(n, 5000))
+        Y = sp.csr_matrix((np.ones(n, np.float32), (rows, rng.integers(0, 3993, n))), shape=(n, 3993))
+        return xc_text(X, Y)
+
+    archive = tmp_path / "Eurlex.zip"
+    archive.write_bytes(zip_bytes({"Eurlex/eurlex_train.txt": split(300).encode(),
+                                   "Eurlex/eurlex_test.txt": split(100).encode()}))
+    return archive
+
+
+def test_a_300_point_archive_is_not_installed_as_eurlex_4k(tmp_path):
+    archive = eurlex_sample(tmp_path)
+    root = tmp_path / "data"
+    line = error_line(cli("download-dataset", "eurlex-4k", "--root", root, "--from-file", archive))
+    assert "the registry expects 15539 train points, the archive has 300" in line
+    assert "the registry expects 3809 test points, the archive has 100" in line
+    assert "--force" in line
+    assert not root.exists()
+
+
+def test_force_installs_it_with_the_warning_on_stderr(tmp_path):
+    archive = eurlex_sample(tmp_path)
+    root = tmp_path / "data"
+    result = cli("download-dataset", "eurlex-4k", "--root", root, "--from-file", archive, "--force")
+    assert result.exit_code == 0, result.output
+    assert "warning: eurlex-4k: the registry expects 15539 train points, the archive has 300" in result.stderr
+    assert "warning: eurlex-4k: the registry expects 3809 test points, the archive has 100" in result.stderr
+    assert sp.load_npz(root / "eurlex-4k" / "Y.trn.npz").shape == (300, 3993)
+    assert tree(root) == ["eurlex-4k", *(f"eurlex-4k/{n}" for n in sorted(["X.trn.npz", "X.tst.npz", "Y.trn.npz",
+                                                                           "Y.tst.npz", "meta.json"]))]
+
+
+@pytest.mark.parametrize("root_existed", [False, True])
+@pytest.mark.parametrize("failure", ["not-an-archive", "no-data-files", "unreachable-url"])
+def test_a_failed_install_leaves_the_root_as_it_was(tmp_path, failure, root_existed):
+    root = tmp_path / "data" / "xmc"
+    if root_existed:
+        root.mkdir(parents=True)
+        (root / "notes.txt").write_text("mine")
+    before = tree(tmp_path)
+    if failure == "unreachable-url":
+        source = ["--url", f"http://127.0.0.1:{closed_port()}/Eurlex.zip"]
+    else:
+        archive = tmp_path / "Eurlex.zip"
+        archive.write_bytes(b"\x00\x01 no archive" if failure == "not-an-archive" else zip_bytes({"Eurlex/a": b""}))
+        before = tree(tmp_path)
+        source = ["--from-file", archive]
+    error_line(cli("download-dataset", "eurlex-4k", "--root", root, *source))
+    assert tree(tmp_path) == before
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    yield folder
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("case", ["file", "under-a-file", "read-only", "under-read-only", "data-set-is-a-file"])
+def test_root_that_cannot_be_written_fails_before_any_work(tmp_path, read_only_folder, monkeypatch, case):
+    monkeypatch.setattr(download, "_install", lambda *args: pytest.fail("the path is checked before any work"))
+    archive = eurlex_sample(tmp_path)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "eurlex-4k").write_text("keep me")
+    root, expected = {
+        "file": (a_file, f"data root {a_file} exists and is not a folder"),
+        "under-a-file": (a_file / "data", f"data root {a_file / 'data'} cannot be created: {a_file} is not a folder"),
+        "read-only": (read_only_folder, f"data root {read_only_folder} is not writable"),
+        "under-read-only": (
+            read_only_folder / "data",
+            f"data root {read_only_folder / 'data'} cannot be created: {read_only_folder} is not writable",
+        ),
+        "data-set-is-a-file": (taken, f"data set folder {taken / 'eurlex-4k'} exists and is not a folder"),
+    }[case]
+    before = tree(tmp_path)
+    line = error_line(cli("download-dataset", "eurlex-4k", "--root", root, "--from-file", archive))
+    assert line == f"error: {expected}"
+    assert tree(tmp_path) == before and a_file.read_text() == "keep me"

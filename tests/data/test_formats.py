@@ -1,3 +1,4 @@
+import gzip
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ from xmlsparse.data.formats import (
     load_label_map,
     load_split,
     read_attentionxml,
+    read_csr_npz,
     read_npy_features,
     read_npz_pair,
     read_split_text,
@@ -182,6 +184,40 @@ def test_label_map_round_trip(tmp_path):
     assert load_label_map(tmp_path / "label_map.txt") == label_map
 
 
+SMALL_XC = b"3 5 4\n0,2 1:1 3:0.5\n 0:2\n3 4:1\n"
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("train.txt", BOM + SMALL_XC),
+        ("train.txt.gz", gzip.compress(SMALL_XC)),
+        ("train.txt", gzip.compress(SMALL_XC)),  # compressed, though named as plain text
+        ("train.txt.gz", gzip.compress(BOM + SMALL_XC)),
+    ],
+    ids=["bom", "gz", "gz-named-txt", "gz-bom"],
+)
+def test_byte_order_mark_and_gzip_are_read_transparently(tmp_path, name, content):
+    expected = read_xc_text(write_text(tmp_path, "plain.txt", SMALL_XC.decode()))
+    path = tmp_path / name
+    path.write_bytes(content)
+    for data in (read_xc_text(path), load_split(path), load_split(path)):  # the last one from the cache
+        assert (data.n_points, data.n_features, data.n_labels) == (3, 5, 4)
+        assert dense(data.X) == dense(expected.X) and dense(data.Y) == dense(expected.Y)
+
+
+def test_gzip_split_files_and_attentionxml_with_a_byte_order_mark(tmp_path):
+    (tmp_path / "trn_X_Xf.txt.gz").write_bytes(gzip.compress(BOM + b"2 3\n0:1\n1:1\n"))
+    (tmp_path / "trn_X_Y.txt.gz").write_bytes(gzip.compress(b"2 2\n1:1\n0:3\n"))
+    assert dense(load_split(tmp_path / "trn_X_Xf.txt.gz").Y) == [[0, 1], [3, 0]]  # the partner is found by name
+
+    (tmp_path / "train_texts.txt").write_bytes(BOM + b"red apple\ngreen pear\n")
+    (tmp_path / "train_labels.txt").write_bytes(BOM + b"fruit red\nfruit\n")
+    _, label_map, vectorizer = read_attentionxml(tmp_path / "train_texts.txt", tmp_path / "train_labels.txt")
+    assert list(label_map) == ["fruit", "red"] and "red" in vectorizer.vocabulary_
+
+
 def test_load_split_dispatches_on_names(tmp_path):
     xc = write_text(tmp_path, "eurlex_train.txt", "2 3 2\n0 1:1\n1 2:1\n")
     assert dense(load_split(xc).Y) == [[1, 0], [0, 1]]
@@ -226,6 +262,9 @@ def test_load_split_dispatches_on_names(tmp_path):
         ("2 4\n0 1:1\n1 2:1\n", "line 1: expected the header 'N D L' (points, features, labels), found '2 4'"),
         ("2 four 3\n0 1:1\n", "line 1: expected the header 'N D L'"),
         ("1 0 3\n0\n", "line 1: header field D=0; expected a positive count"),
+        ("2 4 3\n0 1:1\n1 0:1 2:nan\n", "line 3: value 'nan' of feature 2 is not finite; expected a finite number"),
+        ("2 4 3\n0 1:-inf\n1 2:1\n", "line 2: value '-inf' of feature 1 is not finite"),
+        ("2 4 3\n0 1:1 3:1e999\n1 2:1\n", "line 2: value '1e999' of feature 3 is not finite"),
     ],
 )
 def test_bad_xc_text(tmp_path, text, expected):
@@ -262,12 +301,100 @@ def test_npz_that_is_not_csr(tmp_path):
 
 def test_npz_that_is_unreadable(tmp_path):
     sp.save_npz(tmp_path / "X.npz", sp.csr_matrix(np.eye(3, dtype=np.float32)))
-    (tmp_path / "Y.npz").write_bytes(b"not a zip archive")
-    with pytest.raises(XMLSparseError, match=r"Y.npz: cannot read a sparse matrix"):
-        read_npz_pair(tmp_path / "X.npz", tmp_path / "Y.npz")
     np.savez(tmp_path / "Y.npz", labels=np.ones(3))  # an npz, but not of a sparse matrix
     with pytest.raises(XMLSparseError, match=r"Y.npz: cannot read a sparse matrix"):
         read_npz_pair(tmp_path / "X.npz", tmp_path / "Y.npz")
+
+
+def save_npy(path: Path, rows: np.ndarray) -> None:
+    with path.open("wb") as f:  # np.save(path) would add '.npy' to a name that lacks it
+        np.save(f, rows)
+
+
+def save_csr(path: Path, rows: np.ndarray) -> None:
+    sp.save_npz(path, sp.csr_matrix(rows))
+
+
+def rows_with(value: float, row: int, column: int, dtype=np.float32) -> np.ndarray:
+    rows = np.ones((5, 3), dtype=dtype)
+    rows[row, column] = value
+    return rows
+
+
+@pytest.mark.parametrize(
+    "name, write, expected",
+    [
+        (
+            "X.trn.npy",
+            lambda path: save_npy(path, rows_with(np.nan, 3, 1)),
+            "X.trn.npy: row 3 (counting from 0) holds nan in column 1; expected finite feature values",
+        ),
+        (
+            "X.trn.npy",  # finite in float64, infinite in the float32 that the model reads
+            lambda path: save_npy(path, rows_with(1e300, 0, 2, np.float64)),
+            "X.trn.npy: row 0 (counting from 0) holds inf in column 2; expected finite feature values",
+        ),
+        (
+            "X.trn.npz",
+            lambda path: save_csr(path, rows_with(-np.inf, 2, 0)),
+            "X.trn.npz: row 2 (counting from 0) holds -inf in column 0; expected finite values",
+        ),
+        (
+            "Y.trn.npz",
+            lambda path: path.write_text("3 4 5\n0 1:1\n"),
+            "Y.trn.npz: not an npz archive (it is text starting '3 4 5'); expected a CSR matrix saved by",
+        ),
+        (
+            "Y.trn.npz",
+            lambda path: path.write_bytes(gzip.compress(b"3 4 5\n0 1:1\n")),
+            "Y.trn.npz: not an npz archive (it is gzip-compressed)",
+        ),
+        (
+            "Y.trn.npz",
+            lambda path: path.write_bytes(b"\x00\x01\x02 garbage"),
+            "Y.trn.npz: not an npz archive (it is binary data starting",
+        ),
+        (
+            "Y.trn.npz",
+            lambda path: save_npy(path, np.eye(3)),
+            "Y.trn.npz: not an npz archive (it is a .npy array)",
+        ),
+        ("Y.trn.npz", lambda path: path.write_bytes(b""), "Y.trn.npz: not an npz archive (the file is empty)"),
+        (
+            "X.trn.npy",
+            lambda path: path.write_text("3 4 5\n0 1:1\n"),
+            "X.trn.npy: not a .npy file (it is text starting '3 4 5'); expected a 2-D numeric array",
+        ),
+    ],
+    ids=[
+        "npy-nan", "npy-float32-overflow", "npz-inf", "npz-is-text", "npz-is-gzip", "npz-is-binary", "npz-is-npy",
+        "npz-is-empty", "npy-is-text",
+    ],
+)
+def test_bad_binary_file(tmp_path, name, write, expected):
+    path = tmp_path / name
+    write(path)
+    read = read_npy_features if path.suffix == ".npy" else read_csr_npz
+    with pytest.raises(XMLSparseError) as error:
+        read(path)
+    assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+    assert expected in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        # cut short: the end-of-stream marker is missing
+        gzip.compress(b"4000 5 4\n" + b"0,2 1:1 3:0.5\n 0:2\n3 4:1\n1 2:1\n" * 1000)[:-40],
+        b"\x1f\x8b" + b"not deflate data",
+    ],
+    ids=["truncated", "not-deflate"],
+)
+def test_damaged_gzip_text(tmp_path, content):
+    path = tmp_path / "train.txt.gz"
+    path.write_bytes(content)
+    with pytest.raises(XMLSparseError, match=r"train.txt.gz: damaged gzip-compressed data \(.*\); expected a complete"):
+        read_xc_text(path)
 
 
 def test_features_and_labels_with_different_row_counts(tmp_path):

@@ -1,13 +1,22 @@
+import errno
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import time
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from xmlsparse.data import synthetic
-from xmlsparse.data.synthetic import PRESETS, generate, resolve_shape
+from xmlsparse.data import storage, synthetic
+from xmlsparse.data.synthetic import PRESETS, estimate_footprint, generate, resolve_shape
 from xmlsparse.errors import XMLSparseError
+
+from cli_checks import cli, error_line, tree
+
+SMALL = dict(features="dense", dim=16, n_train=300, n_test=100, n_labels=50, labels_per_point=2.0)
 
 
 def _load(folder, split):
@@ -136,7 +145,7 @@ def test_failure_leaves_previous_set_intact_and_no_partial_files(tmp_path, monke
     empty = tmp_path / "fresh"
     with pytest.raises(KeyboardInterrupt):
         generate(empty, features="dense", dim=16, n_train=300, n_test=100, n_labels=50, labels_per_point=2.0)
-    assert list(empty.iterdir()) == []
+    assert not empty.exists()  # the folder the call created goes too
 
 
 def test_features_of_the_other_kind_are_replaced(tmp_path):
@@ -184,3 +193,177 @@ def test_explicit_sizes_override_the_imitated_set():
 def test_bad_arguments_raise_one_clear_error(kwargs, message):
     with pytest.raises(XMLSparseError, match=message):
         resolve_shape(**kwargs)
+
+
+# ---------------------------------------------------------------- room, writability and clean-up
+
+
+def must_not_run(*args):
+    raise AssertionError("reached a step that the failed check should have prevented")
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    yield folder
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("short_of", ["disk", "memory"])
+def test_a_set_larger_than_the_free_disk_or_memory_is_refused_before_any_work(tmp_path, monkeypatch, short_of):
+    monkeypatch.setattr(storage, "free_disk_bytes", lambda path: 2**20 if short_of == "disk" else 2**50)
+    monkeypatch.setattr(storage, "available_memory_bytes", lambda: 2**20 if short_of == "memory" else 2**50)
+    monkeypatch.setattr(synthetic, "_build_models", must_not_run)  # refused before the models are built
+    need = estimate_footprint(resolve_shape(like="quickstart"))
+    needed, free = (need.disk_bytes, "1.0 MiB are free") if short_of == "disk" else (need.memory_bytes, "1.0 MiB are")
+    out = tmp_path / "new" / "set"
+    with pytest.raises(XMLSparseError) as caught:
+        generate(out, like="quickstart")
+    message = str(caught.value)
+    assert f"about {storage.format_bytes(needed)} of {short_of}, but {free}" in message
+    assert "4,000 train and 1,000 test points" in message
+    assert tree(tmp_path) == []
+
+
+def test_synth_like_amazon_3m_at_scale_100_is_refused_with_both_numbers(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "free_disk_bytes", lambda path: 10 * 2**30)
+    monkeypatch.setattr(storage, "available_memory_bytes", lambda: 24 * 2**30)
+    need = estimate_footprint(resolve_shape(like="amazon-3m", scale=100))
+    assert need.disk_bytes > 700 * 2**30 and need.memory_bytes > 100 * 2**30
+    line = error_line(cli("synth", "--like", "amazon-3m", "--scale", "100", "--out", tmp_path / "big"))
+    assert f"about {storage.format_bytes(need.disk_bytes)} of disk, but 10.0 GiB are free at {tmp_path}" in line
+    assert f"about {storage.format_bytes(need.memory_bytes)} of memory, but 24.0 GiB are available" in line
+    assert "281,228,100 labels" in line
+    assert tree(tmp_path) == []
+
+
+def test_available_memory_reads_meminfo_or_else_the_free_pages(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24684084 kB\nMemFree:         1000 kB\nMemAvailable:    2048 kB\n")
+    monkeypatch.setattr(storage, "MEMINFO", meminfo)
+    assert storage.available_memory_bytes() == 2 * 2**20
+    monkeypatch.setattr(storage, "MEMINFO", tmp_path / "missing")
+    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        assert storage.available_memory_bytes() > 0
+    else:
+        assert storage.available_memory_bytes() is None
+
+
+def test_memory_and_disk_estimates_bound_what_a_run_takes(tmp_path):
+    # Many labels: the label and loading tables dominate, as they do at the full shapes. The peak
+    # is tracemalloc's (numpy reports its buffers to it), not the resident size: that one also
+    # grows with whatever the process imports or the allocator keeps, which varies by machine.
+    script = textwrap.dedent(
+        """
+        import json, sys, tracemalloc
+        from xmlsparse.data import synthetic
+        sizes = dict(n_train=1000, n_test=300, n_labels=300_000, labels_per_point=5.0)
+        tracemalloc.start()
+        synthetic.generate(sys.argv[1], **sizes)
+        grown = tracemalloc.get_traced_memory()[1]
+        print(json.dumps({"grown": grown, **vars(synthetic.estimate_footprint(
+            synthetic.resolve_shape(**sizes)))}))
+        """
+    )
+    out = tmp_path / "set"
+    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, check=True)
+    measured = json.loads(done.stdout)
+    assert measured["grown"] <= measured["memory_bytes"] <= 2 * measured["grown"], measured
+    written = sum(p.stat().st_size for p in out.iterdir())
+    assert written <= measured["output_bytes"] <= 1.2 * written
+    assert measured["disk_bytes"] >= measured["output_bytes"]
+
+
+def test_progress_counts_every_point(tmp_path, monkeypatch):
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(synthetic, "tqdm", Bar)
+    monkeypatch.setattr(synthetic, "BLOCK_POINTS", 64)
+    generate(tmp_path, **SMALL)
+    assert [(bar.total, bar.n) for bar in bars] == [(400, 400)]
+
+
+def failing_after(calls: int, error: BaseException, real):
+    """A stand-in for a block writer that raises ``error`` on call number ``calls``."""
+    count = [0]
+
+    def block(*args):
+        count[0] += 1
+        if count[0] == calls:
+            raise error
+        return real(*args)
+
+    return block
+
+
+@pytest.mark.parametrize("features", ["dense", "bow"])
+def test_an_error_mid_write_leaves_nothing_behind(tmp_path, monkeypatch, features):
+    monkeypatch.setattr(synthetic, "BLOCK_POINTS", 64)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    writer = "_dense_block" if features == "dense" else "_bow_block"
+    monkeypatch.setattr(synthetic, writer, failing_after(4, full, getattr(synthetic, writer)))
+    sizes = {**SMALL, "features": features, "dim": 16 if features == "dense" else None}
+    if features == "bow":
+        sizes["n_features"] = 200
+    out = tmp_path / "new" / "set"
+    with pytest.raises(XMLSparseError, match=f"writing the synthetic set into {out} failed: No space left"):
+        generate(out, **sizes)
+    assert tree(tmp_path) == []
+
+
+def test_synth_interrupted_mid_write_exits_130_and_cleans_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(synthetic, "BLOCK_POINTS", 64)
+    monkeypatch.setattr(synthetic, "_dense_block", failing_after(3, KeyboardInterrupt(), synthetic._dense_block))
+    out = tmp_path / "set"
+    result = cli("synth", "--n-train", 300, "--n-test", 100, "--n-labels", 50, "--labels-per-point", 2,
+                 "--dim", 16, "--out", out)
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert result.stderr.splitlines()[-1] == f"interrupted: {out} is as it was before"
+    assert tree(tmp_path) == []
+
+
+def test_synth_disk_full_mid_write_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(synthetic, "BLOCK_POINTS", 64)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(synthetic, "_dense_block", failing_after(5, full, synthetic._dense_block))
+    out = tmp_path / "set"
+    line = error_line(cli("synth", "--n-train", 300, "--n-test", 100, "--n-labels", 50, "--labels-per-point", 2,
+                          "--dim", 16, "--out", out))
+    assert line == f"error: writing the synthetic set into {out} failed: No space left on device"
+    assert tree(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", ["file", "under-a-file", "read-only", "under-read-only"])
+def test_synth_out_that_cannot_be_written_fails_before_any_work(tmp_path, read_only_folder, monkeypatch, case):
+    monkeypatch.setattr(synthetic, "check_room", must_not_run)  # the path is checked first
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    out, expected = {
+        "file": (a_file, f"output folder {a_file} exists and is not a folder"),
+        "under-a-file": (a_file / "set", f"output folder {a_file / 'set'} cannot be created: {a_file} is not a folder"),
+        "read-only": (read_only_folder, f"output folder {read_only_folder} is not writable"),
+        "under-read-only": (
+            read_only_folder / "a" / "set",
+            f"output folder {read_only_folder / 'a' / 'set'} cannot be created: {read_only_folder} is not writable",
+        ),
+    }[case]
+    before = tree(tmp_path)
+    line = error_line(cli("synth", "--like", "quickstart", "--out", out))
+    assert line == f"error: {expected}"
+    assert tree(tmp_path) == before and a_file.read_text() == "keep me"

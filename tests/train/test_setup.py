@@ -38,7 +38,10 @@ def test_whole_number_values_tells_counts_from_tfidf():
     [("auto", [1.0, 0.0, 2.0], True), ("auto", [0.5, 0.0, 0.25], False), (True, [0.5, 0.0, 0.25], True), (False, [1.0, 0.0, 2.0], False)],
 )
 def test_tfidf_auto_weights_whole_number_features_only(tfidf, values, reweighted):
-    config = config_from_dict({"data": {"features": "bow", "tfidf": tfidf, "normalize": False}})
+    config = config_from_dict({
+        "data": {"dataset": "unused", "features": "bow", "tfidf": tfidf, "normalize": False},
+        "model": {"intermediate": None},
+    })
     train = XMCData(
         sp.csr_matrix(np.array([values, [values[0], 0.0, 0.0]], dtype=np.float32)),
         sp.csr_matrix(np.eye(2, dtype=np.float32)), 3, 2,

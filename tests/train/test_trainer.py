@@ -135,7 +135,7 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_data)
     killed.wait(timeout=30)
     assert not (tmp_path / "killed" / "final.json").exists()
 
-    resumed = run_cli("train", str(config), "--resume", str(tmp_path / "killed"))
+    resumed = run_cli("train", "--resume", str(tmp_path / "killed"))
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     expected = json.loads((tmp_path / "whole" / "final.json").read_text())["test"]
     assert json.loads((tmp_path / "killed" / "final.json").read_text())["test"] == expected
@@ -230,7 +230,11 @@ def test_a_failed_background_checkpoint_write_stops_the_run(tmp_path, tiny_data,
 
 def test_missing_registry_data_set_names_the_download_command(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"data": {"dataset": "eurlex-4k", "root": str(tmp_path / "data")}}))
+    config.write_text(yaml.safe_dump({
+        "data": {"dataset": "eurlex-4k", "root": str(tmp_path / "data")},
+        "model": {"intermediate": {"size": 64}, "head": {"fan_in": 8}},
+    }))
     process = run_cli("train", str(config), "--out", str(tmp_path / "run"))
     assert process.wait(timeout=120) == 2
     assert "xmlsparse download-dataset eurlex-4k" in process.stderr.read()
+    assert not (tmp_path / "run").exists()

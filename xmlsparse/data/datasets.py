@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
 
 from xmlsparse.data.formats import (
     XMCData,
@@ -265,37 +270,97 @@ def download_command(name: str, root: Path = Path("data"), variant: str = "bow")
     return command
 
 
+class _LoadedSplit(NamedTuple):
+    """A split and the files its features and its labels came from (one file for XC text)."""
+
+    data: XMCData
+    features_file: Path
+    labels_file: Path
+
+
 def load_dataset(
     spec: str | Path | Mapping, root: Path = Path("data"), features: str = "bow"
 ) -> tuple[XMCData, XMCData, DatasetInfo | None]:
-    """Resolve a registry name, directory or mapping of paths to (train, test, info)."""
+    """Resolve a registry name, directory or mapping of paths to (train, test, info).
+
+    The test split comes back with the training split's numbers of features and labels, since the
+    model is sized by train. The rule is about ids, not declared counts: a test split that declares
+    other counts (a header, a matrix's width) but whose feature and label ids all lie below train's
+    counts is read with train's counts, and a warning says so; an id at or beyond train's count is
+    an error naming the test file, both counts and the first point that uses it. Dense feature rows
+    have no ids: their widths must be equal.
+    """
     if features not in FEATURE_KINDS:
         raise XMLSparseError(f"features {features!r}: expected one of {', '.join(FEATURE_KINDS)}")
     root = Path(root)
+    text = str(spec)
+    info: DatasetInfo | None = None
     if isinstance(spec, Mapping):
         train, test = _load_mapping(spec, features)
-        return train, test, None
-    text = str(spec)
-    if isinstance(spec, str) and text in REGISTRY:
-        return _load_registry(REGISTRY[text], root, features)
-    for directory in (Path(text), root / text):
-        if directory.is_dir():
-            train, test = _load_directory(directory, features)
-            return train, test, _info_from_meta(directory, train, test)
-    raise XMLSparseError(
-        f"data set {text!r} is neither a registry name ({', '.join(REGISTRY)}) nor a directory "
-        f"(looked for {Path(text)} and {root / text})"
+    elif isinstance(spec, str) and text in REGISTRY:
+        info = REGISTRY[text]
+        train, test = _load_registry(info, root, features)
+    else:
+        directory = next((d for d in (Path(text), root / text) if d.is_dir()), None)
+        if directory is None:
+            raise XMLSparseError(
+                f"data set {text!r} is neither a registry name ({', '.join(REGISTRY)}) nor a directory "
+                f"(looked for {Path(text)} and {root / text})"
+            )
+        train, test = _load_directory(directory, features)
+        info = _info_from_meta(directory, train.data, test.data)
+    return train.data, _fit_test_to_train(train, test), info
+
+
+def _fit_test_to_train(train: _LoadedSplit, test: _LoadedSplit) -> XMCData:
+    """The test split with the training split's numbers of features and labels (the rule: load_dataset)."""
+    data = test.data
+    if isinstance(data.X, np.ndarray):
+        if data.X.shape[1] != train.data.X.shape[1]:
+            raise XMLSparseError(
+                f"{test.features_file}: test feature rows have {data.X.shape[1]} columns but the training rows "
+                f"({train.features_file}) have {train.data.X.shape[1]}; expected the same width"
+            )
+        X = data.X
+    else:
+        X = _fit_columns(data.X, data.n_features, test.features_file, train.data.n_features, train.features_file,
+                         "feature")
+    Y = _fit_columns(data.Y, data.n_labels, test.labels_file, train.data.n_labels, train.labels_file, "label")
+    if X is data.X and Y is data.Y:
+        return data
+    return XMCData(X=X, Y=Y, n_features=train.data.n_features, n_labels=train.data.n_labels)
+
+
+def _fit_columns(
+    matrix: sp.csr_matrix, declared: int, path: Path, train_count: int, train_path: Path, kind: str
+) -> sp.csr_matrix:
+    """`matrix` ([points, declared] ids of one kind) with train_count columns; the rule: load_dataset."""
+    if declared == train_count:
+        return matrix
+    beyond = np.flatnonzero(matrix.indices >= train_count)
+    if beyond.size:
+        # CSR stores rows in order: the first stored entry beyond train's range is in the first such point
+        row = int(np.searchsorted(matrix.indptr, beyond[0], side="right")) - 1
+        where = f"row {row} (counting from 0)" if path.suffix in (".npz", ".npy") else f"line {row + 2}"
+        raise XMLSparseError(
+            f"{path}: the test split has {declared} {kind}s but the training split ({train_path}) has {train_count}, "
+            f"and {where} uses {kind} id {matrix.indices[beyond[0]]}; expected {kind} ids below {train_count}"
+        )
+    warnings.warn(
+        f"{path}: the test split declares {declared} {kind}s and the training split ({train_path}) {train_count}; "
+        f"its {kind} ids all lie below {train_count}, so it is read with {train_count} {kind}s",
+        stacklevel=4,
     )
+    return sp.csr_matrix((matrix.data, matrix.indices, matrix.indptr), shape=(matrix.shape[0], train_count))
 
 
-def _load_registry(info: DatasetInfo, root: Path, features: str) -> tuple[XMCData, XMCData, DatasetInfo]:
+def _load_registry(info: DatasetInfo, root: Path, features: str) -> tuple[_LoadedSplit, _LoadedSplit]:
     directory = dataset_dir(info.name, root)
     if features == "dense":
         # Embeddings of the raw texts sit beside their labels in the raw variant's directory.
         for candidate in (directory, dataset_dir(info.name, root, "raw")):
             if all((candidate / f).is_file() for f in DENSE_FEATURE_FILES):
-                train, test = _load_directory(candidate, features)
-                return train, test, info
+                return _load_directory(candidate, features)
         raise XMLSparseError(
             f"{info.name}: dense features expected as {' and '.join(DENSE_FEATURE_FILES)} in {directory} or "
             f"{dataset_dir(info.name, root, 'raw')}; get the raw texts to embed with: "
@@ -305,11 +370,10 @@ def _load_registry(info: DatasetInfo, root: Path, features: str) -> tuple[XMCDat
         raise XMLSparseError(
             f"data set {info.name} is not in {directory}; fetch it with: {download_command(info.name, root)}"
         )
-    train, test = _load_directory(directory, features)
-    return train, test, info
+    return _load_directory(directory, features)
 
 
-def _load_directory(directory: Path, features: str) -> tuple[XMCData, XMCData]:
+def _load_directory(directory: Path, features: str) -> tuple[_LoadedSplit, _LoadedSplit]:
     layout = find_layout(directory)
     if features == "bow":
         if layout is None:
@@ -319,7 +383,11 @@ def _load_directory(directory: Path, features: str) -> tuple[XMCData, XMCData]:
                     "set features to dense"
                 )
             raise XMLSparseError(_missing_layout_message(directory))
-        return read_splits(layout)
+        train, test = read_splits(layout)
+        return (
+            _LoadedSplit(train, layout.train[0], layout.train[-1]),
+            _LoadedSplit(test, layout.test[0], layout.test[-1]),
+        )
     splits = []
     for split, features_file in zip(("trn", "tst"), DENSE_FEATURE_FILES):
         features_path = directory / features_file
@@ -327,10 +395,11 @@ def _load_directory(directory: Path, features: str) -> tuple[XMCData, XMCData]:
             raise XMLSparseError(f"{directory}: features=dense expects {features_file}, which is missing")
         labels_path = directory / f"Y.{split}.npz"
         if labels_path.is_file():
-            splits.append(read_npz_pair(features_path, labels_path))
+            splits.append(_LoadedSplit(read_npz_pair(features_path, labels_path), features_path, labels_path))
         elif layout is not None:
             files = layout.train if split == "trn" else layout.test
-            splits.append(with_npy_features(load_split(list(files)), features_path, files[-1]))
+            data = with_npy_features(load_split(list(files)), features_path, files[-1])
+            splits.append(_LoadedSplit(data, features_path, files[-1]))
         else:
             raise XMLSparseError(
                 f"{directory}: {features_file} found but no labels ({labels_path.name} or a text layout)"
@@ -351,7 +420,7 @@ def _mapping_paths(spec: Mapping, key: str) -> list[Path]:
     return paths
 
 
-def _load_mapping(spec: Mapping, features: str) -> tuple[XMCData, XMCData]:
+def _load_mapping(spec: Mapping, features: str) -> tuple[_LoadedSplit, _LoadedSplit]:
     for key in spec:
         if key not in _MAPPING_KEYS:
             raise XMLSparseError(f"dataset mapping: unknown key {key!r}; expected {', '.join(_MAPPING_KEYS)}")
@@ -367,10 +436,11 @@ def _load_mapping(spec: Mapping, features: str) -> tuple[XMCData, XMCData]:
     for split in ("train", "test"):
         paths = _mapping_paths(spec, split)
         data = load_split(paths[0] if len(paths) == 1 else paths)
+        features_path = paths[0]
         if features == "dense":
             (features_path,) = _mapping_paths(spec, f"{split}_features")
             data = with_npy_features(data, features_path, paths[-1])
-        splits.append(data)
+        splits.append(_LoadedSplit(data, features_path, paths[-1]))
     return splits[0], splits[1]
 
 

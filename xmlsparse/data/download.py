@@ -2,10 +2,12 @@
 
 No mirror publishes a checksum, so what can be verified is: the HTTP length, that the body is an archive
 (not an HTML quota or error page), that no archive member escapes the extraction folder, and the N/D/L
-counts of the extracted files against the registry (a mismatch warns, naming both numbers).
+counts of the extracted files against the registry. Counts beyond `POINTS_TOLERANCE` refuse the archive,
+naming both numbers, unless `force` installs it with a warning; counts within it warn.
 
 Downloads stream into `<root>/<name>.<ext>.part` and resume from it with HTTP Range requests; the data
-set directory appears only when complete (built in a temporary folder inside root, then moved).
+set directory appears only when complete (built in a temporary folder inside root, then moved). A failed
+install leaves root as it was, but for the bytes of a cut download, kept to resume.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import scipy.sparse
 from tqdm import tqdm
 
 from xmlsparse import __version__
+from xmlsparse.data import storage
 from xmlsparse.data.datasets import (
     INSTALLED_FILES,
     META_FILE,
@@ -66,6 +69,12 @@ USER_AGENT = f"xmlsparse/{__version__}"
 
 ARCHIVE_SUFFIXES = {".tar.gz": "tar.gz", ".tgz": "tar.gz", ".zip": "zip", ".tar": "tar"}
 
+# How far an archive's counts may be from the registry's and still install. Features and labels must
+# match exactly: they fix the model's input width and the label ids that the published metrics refer
+# to. The points of each split may differ by 1%: some redistributions drop a few empty or duplicate
+# points, while a wrong file or a sample of the set is off by far more.
+POINTS_TOLERANCE = 0.01
+
 Report = Callable[[str], None]
 
 
@@ -80,11 +89,14 @@ def download_dataset(
     registry: Mapping[str, DatasetInfo] | None = None,
     attempts: int = 5,
     timeout: float = 60.0,
+    force: bool = False,
 ) -> Path:
     """Install a registry data set under root/<name> (raw variant: root/<name>-raw) and return that folder.
 
     Tries the registry's mirrors in order, or only `url`, or installs the local archive `from_file`.
     `progress` receives one line per step (the default logs them); `registry` replaces the built-in one.
+    An archive whose counts differ from the registry's beyond `POINTS_TOLERANCE` is refused, or with
+    `force` installed with a warning. Raises XMLSparseError, before any work when root cannot be written.
     """
     registry = REGISTRY if registry is None else registry
     report = progress if progress is not None else log.info
@@ -102,22 +114,35 @@ def download_dataset(
         return target
     mirrors = info.mirrors_for(variant)
     known_layouts = [m.layout for m in mirrors]
-    root.mkdir(parents=True, exist_ok=True)
-
     if from_file is not None:
         archive = Path(from_file)
         if not archive.is_file():
             raise XMLSparseError(f"--from-file {archive}: no such file")
-        report(f"installing {name} from {archive}")
-        _install(archive, info, variant, known_layouts, target, str(archive), report)
-        return target
-
-    if url is not None:
+    elif url is not None:
         sources = [(url, _suffix_of(url), known_layouts)]
     else:
         sources = [(m.url, m.archive, _first(m.layout, known_layouts)) for m in mirrors]
-    if not sources:
-        raise XMLSparseError(f"no mirror is known for {name} ({variant}); install an archive with --url or --from-file")
+        if not sources:
+            raise XMLSparseError(
+                f"no mirror is known for {name} ({variant}); install an archive with --url or --from-file"
+            )
+    storage.require_writable_folder(root, "data root")
+    storage.require_writable_folder(target, "data set folder")
+
+    with storage.created_folder(root, "data root"):
+        if from_file is not None:
+            report(f"installing {name} from {archive}")
+            _install(archive, info, variant, known_layouts, target, str(archive), report, force)
+        else:
+            _install_from_sources(sources, name, info, variant, root, target, report, force, attempts, timeout)
+    return target
+
+
+def _install_from_sources(
+    sources: list[tuple[str, str, list[ArchiveLayout]]], name: str, info: DatasetInfo, variant: str, root: Path,
+    target: Path, report: Report, force: bool, attempts: int, timeout: float,
+) -> None:
+    """Download and install from the first (url, archive suffix, layouts) that works; raises naming each failure."""
     failures = []
     for source_url, suffix, layouts in sources:
         part = root / f"{target.name}.{suffix}.part"
@@ -131,17 +156,20 @@ def download_dataset(
             report(failures[-1])
             continue
         try:
-            _install(part, info, variant, layouts, target, source_url, report)
+            _install(part, info, variant, layouts, target, source_url, report, force)
         except XMLSparseError as err:
             _remove_part(part)  # the archive itself is bad: resuming it cannot help
             failures.append(f"{source_url}: {err}")
             report(failures[-1])
             continue
         _remove_part(part)
-        return target
+        return
     command = download_command(name, root, variant) + " --from-file ARCHIVE"
+    parts = dict.fromkeys(root / f"{target.name}.{suffix}.part" for _, suffix, _ in sources)
+    kept = [str(part) for part in parts if part.is_file()]
+    resume = f". The bytes received are kept to resume in {', '.join(kept)}" if kept else ""
     raise XMLSparseError(
-        f"could not download {name}: " + "; ".join(failures)
+        f"could not download {name}: " + "; ".join(failures) + resume
         + f". Fetch the archive by other means and install it with: {command}"
     )
 
@@ -519,23 +547,26 @@ def _convert(files: SplitFiles, staging: Path, n_labels: int) -> tuple[Shape, Sh
     return (train.n_points, train.n_features, train.n_labels), (test.n_points, test.n_features, test.n_labels)
 
 
-def _count_checks(info: DatasetInfo, train: Shape, test: Shape) -> list[str]:
-    """Messages for every count that differs from the registry (points, features, labels)."""
-    checks = [("train points", info.n_train, train[0]), ("test points", info.n_test, test[0])]
-    if train[1] is not None:
-        checks.append(("features", info.n_features, train[1]))
-    checks.append(("labels", info.n_labels, train[2]))
-    found = [
-        f"{info.name}: the registry expects {expected} {what}, the archive has {actual}"
-        for what, expected, actual in checks
-        if expected != actual
+def _count_checks(info: DatasetInfo, train: Shape, test: Shape) -> tuple[list[str], list[str]]:
+    """Messages for the counts that differ from the registry's: (beyond the tolerance, within it)."""
+    checks = [
+        ("train points", info.n_train, train[0], POINTS_TOLERANCE),
+        ("test points", info.n_test, test[0], POINTS_TOLERANCE),
     ]
+    if train[1] is not None:
+        checks.append(("features", info.n_features, train[1], 0.0))
+    checks.append(("labels", info.n_labels, train[2], 0.0))
+    beyond, within = [], []
+    for what, expected, actual, tolerance in checks:
+        if actual != expected:
+            found = beyond if abs(actual - expected) > tolerance * expected else within
+            found.append(f"{info.name}: the registry expects {expected} {what}, the archive has {actual}")
     if train[1:] != test[1:]:
-        found.append(
+        beyond.append(
             f"{info.name}: train has {train[1]} features and {train[2]} labels, "
             f"test has {test[1]} features and {test[2]} labels"
         )
-    return found
+    return beyond, within
 
 
 def _move_into_place(staging: Path, target: Path, variant: str) -> None:
@@ -551,9 +582,12 @@ def _move_into_place(staging: Path, target: Path, variant: str) -> None:
 
 def _install(
     archive: Path, info: DatasetInfo, variant: str, layouts: list[ArchiveLayout], target: Path,
-    source: str, report: Report,
+    source: str, report: Report, force: bool,
 ) -> None:
-    """Extract, locate, convert and verify `archive`, then move the data set folder into place."""
+    """Extract, locate, convert and verify `archive`, then move the data set folder into place.
+
+    Counts beyond the tolerance refuse the archive unless `force`; installed mismatches warn.
+    """
     kind = _archive_kind(archive)
     suffixes = {PurePosixPath(rel).parts for layout in layouts for rel in layout.train + layout.test}
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
@@ -573,11 +607,17 @@ def _install(
                 found = f" (expected {expected})" if expected else ""
                 raise XMLSparseError(f"no {variant} data set that xmlsparse reads is in it{found}")
             report(f"converting {', '.join(p.name for p in files.train + files.test)}")
-            mismatches = _count_checks(info, *_convert(files, staging, info.n_labels))
+            beyond, within = _count_checks(info, *_convert(files, staging, info.n_labels))
         except XMLSparseError as err:
             # Name the member inside the archive, not the temporary folder it was extracted to.
             reason = str(err).replace(f"{extracted}{os.sep}", "")
             raise XMLSparseError(f"archive {archive}: {reason}") from err
+        if beyond and not force:
+            raise XMLSparseError(
+                f"archive {archive}: " + "; ".join(beyond) + f" (features and labels must match, points within "
+                f"{POINTS_TOLERANCE:.0%}); install it anyway with --force"
+            )
+        mismatches = beyond + within
         for message in mismatches:
             warnings.warn(message, stacklevel=3)
             report(f"warning: {message}")

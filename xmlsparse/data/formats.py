@@ -7,10 +7,14 @@ where it applies, the 1-based line number and what was expected.
 
 from __future__ import annotations
 
+import codecs
+import gzip
 import itertools
+import math
 import os
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO, Iterator, Sequence, Union
@@ -56,7 +60,40 @@ class _Columns:
     count: int
 
 
-def _open_binary(path: Path) -> BinaryIO:
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # an archive with members, an empty archive
+_NPY_MAGIC = b"\x93NUMPY"
+_GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+class _GzipReader(gzip.GzipFile):
+    """A gzip file whose damaged or truncated content raises an XMLSparseError naming the file.
+
+    Only `read` and `readline` are wrapped: they are all that the readers here and scikit-learn's
+    svmlight parser (which iterates over lines, i.e. calls readline) use.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "rb")
+        self.source = path
+
+    def _damaged(self, error: Exception) -> XMLSparseError:
+        return XMLSparseError(f"{self.source}: damaged gzip-compressed data ({error}); expected a complete gzip file")
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return super().read(size)
+        except _GZIP_ERRORS as e:
+            raise self._damaged(e) from None
+
+    def readline(self, size: int | None = -1) -> bytes:
+        try:
+            return super().readline(size)
+        except _GZIP_ERRORS as e:
+            raise self._damaged(e) from None
+
+
+def _open_raw(path: Path) -> BinaryIO:
     try:
         return open(path, "rb")
     except FileNotFoundError:
@@ -65,9 +102,47 @@ def _open_binary(path: Path) -> BinaryIO:
         raise XMLSparseError(f"{path}: cannot read ({e.strerror})") from None
 
 
+def _open_binary(path: Path) -> BinaryIO:
+    """Open a text source for reading bytes; gzip-compressed content is decompressed on the fly.
+
+    The content decides, not the name: a `.gz` file and a compressed file named `.txt` both read.
+    """
+    f = _open_raw(path)
+    if f.read(len(_GZIP_MAGIC)) != _GZIP_MAGIC:
+        f.seek(0)
+        return f
+    f.close()
+    return _GzipReader(path)
+
+
+def _head(path: Path, size: int = 64) -> bytes:
+    with _open_raw(path) as f:
+        return f.read(size)
+
+
+def _content_kind(head: bytes) -> str:
+    """What a file's first bytes say it is, for a binary file that is not what its name promises."""
+    if not head:
+        return "the file is empty"
+    if head.startswith(_GZIP_MAGIC):
+        return "it is gzip-compressed"
+    if head.startswith(_NPY_MAGIC):
+        return "it is a .npy array"
+    try:
+        # an incremental decoder accepts a character cut in two by the end of `head`
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        return f"it is binary data starting {head[:8]!r}"
+    first_line = text.removeprefix("\ufeff").split("\n")[0].strip()
+    return f"it is text starting '{first_line[:40]}'"
+
+
 def _read_header(f: IO[bytes], path: Path, fields: Sequence[str], meaning: str) -> list[int]:
     """Read the first line as len(fields) non-negative integers; D and L must be positive."""
-    line = f.readline()
+    # editors on Windows may start UTF-8 text with a byte order mark; it is no part of the header
+    line = f.readline().removeprefix(codecs.BOM_UTF8)
     expected = " ".join(fields)
     if not line.strip():
         what = "is empty" if not line else "starts with a blank line"
@@ -95,6 +170,8 @@ def _parse_svmlight_body(
         pairs, label_lists = load_svmlight_file(
             f, n_features=columns.count, dtype=np.float32, multilabel=True, zero_based=True
         )
+    except XMLSparseError:
+        raise  # damaged gzip data: the file, not a line, is at fault
     except ValueError as e:
         raise _locate_error(path, columns, n_labels, str(e)) from None
     label_ptr, label_ids = _flatten(label_lists)
@@ -106,6 +183,9 @@ def _parse_svmlight_body(
         label_ptr = _spread_indptr(label_ptr, rows, n_points)
     # rebuilding lets scipy pick int32 indices where they fit (the reader returns int64)
     pairs = sp.csr_matrix((pairs.data, pairs.indices, pair_ptr), shape=(n_points, columns.count))
+    # the reader takes 'nan' and 'inf' for numbers; training on them ends in a NaN loss much later
+    if not np.isfinite(pairs.data).all():
+        raise _locate_error(path, columns, n_labels, "a value is not finite")
 
     if n_labels is None:
         if label_ids.size:  # a token without ':' is where the reader expects a label list
@@ -208,9 +288,11 @@ def _line_problem(tokens: list[bytes], columns: _Columns, n_labels: int | None) 
         if index_value >= columns.count:
             return f"{columns.kind} id {index_value} >= {columns.symbol}={columns.count} from the header"
         try:
-            float(value)
+            number = float(value)
         except ValueError:
             return f"value '{_show(value)}' of {columns.kind} {index_value} is not a number"
+        if not math.isfinite(number):
+            return f"value '{_show(value)}' of {columns.kind} {index_value} is not finite; expected a finite number"
         if index_value <= previous:
             return f"{columns.kind} ids must be increasing and unique ({index_value} after {previous})"
         previous = index_value
@@ -262,12 +344,39 @@ def read_split_text(features_path: PathLike, labels_path: PathLike) -> XMCData:
 # binary formats: scipy CSR .npz (pyxclib, PECOS) and dense .npy feature rows
 
 
+def _first_non_finite_row(values: np.ndarray) -> tuple[int, int] | None:
+    """(row, column) of the first NaN or infinity in dense rows, or None when all are finite."""
+    # blocks of about 16M values keep the mask small for a memory-mapped file of any size
+    block = max(1, (1 << 24) // max(values.shape[1], 1))
+    for start in range(0, values.shape[0], block):
+        finite = np.isfinite(values[start : start + block])
+        if not finite.all():
+            row, column = np.argwhere(~finite)[0]
+            return start + int(row), int(column)
+    return None
+
+
+def _check_finite_csr(matrix: sp.csr_matrix, path: Path) -> None:
+    bad = np.flatnonzero(~np.isfinite(matrix.data))
+    if bad.size:
+        row = int(np.searchsorted(matrix.indptr, bad[0], side="right")) - 1
+        raise XMLSparseError(
+            f"{path}: row {row} (counting from 0) holds {matrix.data[bad[0]]} in column {matrix.indices[bad[0]]}; "
+            "expected finite values"
+        )
+
+
 def read_csr_npz(path: Path) -> sp.csr_matrix:
-    """A CSR matrix saved by scipy.sparse.save_npz, as float32 with sorted, summed indices."""
+    """A CSR matrix saved by scipy.sparse.save_npz, as float32 with sorted, summed indices and finite values."""
+    head = _head(path)
+    if not head.startswith(_ZIP_MAGICS):
+        # numpy would take the file for a pickle and advise allow_pickle, which is beside the point
+        raise XMLSparseError(
+            f"{path}: not an npz archive ({_content_kind(head)}); "
+            "expected a CSR matrix saved by scipy.sparse.save_npz"
+        )
     try:
         matrix = sp.load_npz(path)
-    except FileNotFoundError:
-        raise XMLSparseError(f"{path}: file not found") from None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise XMLSparseError(
             f"{path}: cannot read a sparse matrix ({e}); expected a CSR matrix saved by scipy.sparse.save_npz"
@@ -278,25 +387,41 @@ def read_csr_npz(path: Path) -> sp.csr_matrix:
         )
     matrix = sp.csr_matrix(matrix, dtype=np.float32)
     matrix.sum_duplicates()  # also sorts the indices
+    _check_finite_csr(matrix, path)
     return matrix
 
 
 def read_npy_features(path: PathLike) -> np.ndarray:
-    """Dense float32 feature rows [N, d]; memory-mapped when the file already holds float32."""
+    """Dense finite float32 feature rows [N, d]; memory-mapped when the file already holds float32."""
     path = Path(path)
+    head = _head(path)
+    if head.startswith(_ZIP_MAGICS):
+        raise XMLSparseError(f"{path}: is an .npz archive; expected a 2-D numeric array [points, dims] in .npy format")
+    if not head.startswith(_NPY_MAGIC):
+        # numpy would take the file for a pickle and advise allow_pickle, which is beside the point
+        raise XMLSparseError(
+            f"{path}: not a .npy file ({_content_kind(head)}); "
+            "expected a 2-D numeric array [points, dims] in .npy format"
+        )
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise XMLSparseError(f"{path}: file not found") from None
     except (OSError, ValueError, EOFError) as e:
         raise XMLSparseError(f"{path}: cannot read a .npy array ({e})") from None
-    if not isinstance(array, np.ndarray):
-        array.close()
-        raise XMLSparseError(f"{path}: is an .npz archive; expected a 2-D numeric array [points, dims] in .npy format")
     if array.ndim != 2 or array.dtype.kind not in "fiu":
         found = f"shape {array.shape} of {array.dtype}"
         raise XMLSparseError(f"{path}: expected a 2-D numeric array [points, dims] in .npy format, found {found}")
-    return array if array.dtype == np.float32 else np.asarray(array, dtype=np.float32)
+    # checked after the conversion: float64 values beyond float32's range become infinite in it,
+    # which the check below reports with the row (numpy's overflow warning would not name it)
+    with np.errstate(over="ignore"):
+        rows = array if array.dtype == np.float32 else np.asarray(array, dtype=np.float32)
+    bad = _first_non_finite_row(rows)
+    if bad is not None:
+        row, column = bad
+        raise XMLSparseError(
+            f"{path}: row {row} (counting from 0) holds {rows[row, column]} in column {column}; "
+            "expected finite feature values"
+        )
+    return rows
 
 
 def _check_same_points(x_rows: int, x_path: Path, y_rows: int, y_path: Path) -> None:
@@ -340,7 +465,7 @@ def write_npz_pair(x_path: PathLike, y_path: PathLike, data: XMCData) -> None:
 def _read_text_lines(path: Path) -> list[str]:
     """Lines split on '\\n' only (documents may hold other Unicode line breaks)."""
     with _open_binary(path) as f:
-        raw = f.read()
+        raw = f.read().removeprefix(codecs.BOM_UTF8)  # a byte order mark is no part of the first line
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -432,13 +557,20 @@ def load_label_map(path: PathLike) -> dict[str, int]:
 # one entry point for a split, whatever its format
 
 
+def _text_name(path: Path) -> tuple[str, str]:
+    """A text file's name without a trailing '.gz', and that suffix ('' if none): the readers decompress."""
+    if path.name.endswith(".gz"):
+        return path.name[: -len(".gz")], ".gz"
+    return path.name, ""
+
+
 def _labels_partner(path: Path) -> Path | None:
     """The labels file that goes with a features/texts file, from the naming conventions."""
-    name = path.name
+    name, gz = _text_name(path)
     if name.endswith("_X_Xf.txt"):
-        return path.with_name(name[: -len("Xf.txt")] + "Y.txt")
+        return path.with_name(name[: -len("Xf.txt")] + "Y.txt" + gz)
     if name.endswith("_texts.txt"):
-        return path.with_name(name[: -len("texts.txt")] + "labels.txt")
+        return path.with_name(name[: -len("texts.txt")] + "labels.txt" + gz)
     if name.startswith("X.") and path.suffix in (".npz", ".npy"):
         return path.with_name("Y." + name[2:]).with_suffix(".npz")
     return None
@@ -473,8 +605,9 @@ def load_split(path_or_paths: PathLike | Sequence[PathLike]) -> XMCData:
     """Read one split, choosing the reader from the file names; text formats go through the cache.
 
     Accepted: an XC text file; `*_X_Xf.txt` (+ `*_X_Y.txt`); `*_texts.txt` (+ `*_labels.txt`, with
-    the training files beside it); `X.*.npz|npy` (+ `Y.*.npz`). The partner file is found by name
-    when only the first is given; pairs are (features, labels).
+    the training files beside it); `X.*.npz|npy` (+ `Y.*.npz`). Text files may be gzip-compressed
+    (named with or without '.gz'). The partner file is found by name when only the first is given;
+    pairs are (features, labels).
     """
     from xmlsparse.data.cache import load_cached  # the cache stores XMCData, defined above
 
@@ -488,9 +621,10 @@ def load_split(path_or_paths: PathLike | Sequence[PathLike]) -> XMCData:
         return load_cached([xc_path], lambda: read_xc_text(xc_path), variant="xc-text")
     if len(paths) == 2:
         first, second = paths
-        if first.name.endswith("_X_Xf.txt"):
+        first_name, _ = _text_name(first)
+        if first_name.endswith("_X_Xf.txt"):
             return load_cached(paths, lambda: read_split_text(first, second), variant="split-text")
-        if first.name.endswith("_texts.txt"):
+        if first_name.endswith("_texts.txt"):
             sources = list(dict.fromkeys([first, second, *_training_pair(first, second)]))
             return load_cached(
                 sources,

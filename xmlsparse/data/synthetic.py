@@ -12,7 +12,10 @@ features carry the labels' signal, so that a linear model learns them:
 Points are drawn in blocks of ``BLOCK_POINTS``, each block from its own random
 stream derived from the seed, and streamed to disk, so that a set of the full
 size of Amazon-670K (or larger) is written in bounded memory and the files
-depend on the arguments only.
+depend on the arguments only. What memory remains grows with the labels (the
+label and feature models) and the points (row counts); ``estimate_footprint``
+adds it up with the disk the files take, and ``generate`` refuses a shape that
+does not fit the free disk or the available memory before it writes anything.
 
 Output layout (the synthetic/PECOS layout that ``load_dataset`` reads):
 ``X.trn.npy`` (dense) or ``X.trn.npz`` (bow CSR), ``Y.trn.npz`` (label CSR),
@@ -25,6 +28,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
@@ -33,7 +37,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
+from tqdm import tqdm
 
+from xmlsparse.data import storage
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.metrics import DEFAULT_PROPENSITY
 
@@ -189,6 +195,7 @@ def generate(
     features: str = "dense",
     dim: int | None = None,
     seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a synthetic train/test pair into ``out_dir`` and return it.
 
@@ -196,21 +203,138 @@ def generate(
     taken times ``scale`` (points and labels; the vocabulary and labels per
     point stay); explicit sizes override them. ``dim`` is the width of dense
     features (768, or the preset's). The same arguments give byte-identical files.
+
+    Raises XMLSparseError before anything is written when ``out_dir`` cannot be
+    written or the set would not fit the free disk or the available memory, and
+    when writing fails; ``out_dir`` then holds what it held before (folders this
+    call created are removed). ``progress`` receives the size estimate.
     """
     shape = resolve_shape(like, scale, n_train, n_test, n_labels, n_features, labels_per_point, features, dim)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=out))
-    try:
-        names = _write_splits(shape, seed, staging)
-        for name in names:  # meta.json comes last: its presence marks a complete set
-            os.replace(staging / name, out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    storage.require_writable_folder(out, "output folder")
+    footprint = check_room(shape, out)
+    if progress is not None:
+        progress(
+            f"writing {describe_shape(shape)}: about {storage.format_bytes(footprint.output_bytes)} of files, "
+            f"{storage.format_bytes(footprint.memory_bytes)} of memory"
+        )
+    # Built before the folder is touched: an interrupt while the models grow leaves nothing to clean up.
+    models = _build_models(shape, seed)
+    with storage.created_folder(out, "output folder"):
+        staging = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=out))
+        try:
+            with tqdm(
+                total=shape.n_train + shape.n_test, unit="points", unit_scale=True, desc=shape.name,
+                disable=not sys.stderr.isatty(), leave=False,
+            ) as bar:
+                names = _write_splits(shape, seed, models, staging, bar)
+            for name in names:  # meta.json comes last: its presence marks a complete set
+                os.replace(staging / name, out / name)
+        except OSError as err:  # a full disk or a folder changed under us: one line, not a traceback
+            raise XMLSparseError(f"writing the synthetic set into {out} failed: {err.strerror or err}") from err
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     stale_suffix = ".npz" if shape.features == "dense" else ".npy"
     for split in ("trn", "tst"):  # a feature file of the other kind would be ambiguous to readers
         (out / f"X.{split}{stale_suffix}").unlink(missing_ok=True)
     return out
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What ``generate`` needs for a shape, in bytes."""
+
+    output_bytes: int  # the finished files
+    disk_bytes: int  # the peak on disk: the finished files and the staging files beside them
+    memory_bytes: int  # the peak growth of the process's memory
+
+
+def estimate_footprint(shape: SyntheticShape) -> Footprint:
+    """Disk and memory that ``generate`` needs for ``shape``, summed from the arrays it allocates.
+
+    Memory follows the largest of three phases: building the label model, building the feature
+    model, and writing (both models, one block's arrays, and the per-point row counts kept to
+    assemble a CSR file). The byte counts per element add up the arrays alive together at each
+    phase's peak; tests/data/test_synthetic.py checks the estimate against a measured peak.
+    """
+    n_points = shape.n_train + shape.n_test
+    largest_split = max(shape.n_train, shape.n_test)
+    n_labels = shape.n_labels
+    per_point = shape.labels_per_point
+    block = min(BLOCK_POINTS, largest_split)
+    topic_size = min(TOPIC_SIZE, n_labels)
+    n_topics = -(-n_labels // topic_size)
+    # CSR files: a 4-byte index and a 4-byte value per entry, 8-byte row pointers. The raw
+    # staging files hold the entries once more until the set is complete.
+    label_entries = n_points * per_point  # an upper bound: repeated draws are dropped
+    output = 8 * label_entries + 8 * (n_points + 2)
+    staging = 8 * label_entries
+    # Label model: 24 bytes per label kept (cdf, topic ids and weights); 56 while it is built.
+    label_model = 24 * n_labels
+    build_labels = 56 * n_labels
+    # A block's label draws: Gumbel keys, their order and the ranked ids of a topic per point.
+    block_arrays = block * (48 * topic_size + 64 * per_point)
+    # One split's row counts: kept per block, concatenated and summed into row pointers.
+    rows = 40 * largest_split
+    if shape.features == "dense":
+        width = shape.n_features
+        output += 4 * n_points * width
+        basis = 4 * (n_topics + N_ATOMS) * width
+        entries = ATOMS_PER_LABEL + 1  # a label's loadings: its topic centre and its atoms
+        # int64 atom ids, their sorted copy, columns and order, float32 signs and values
+        build_features = label_model + basis + 48 * entries * n_labels
+        models = label_model + basis + (8 * entries + 8) * n_labels
+        # the block's loadings product, then signal, noise and norms of B x d float32
+        block_arrays += block * (24 * entries * per_point + 12 * width)
+    else:
+        vocabulary = shape.n_features
+        word_entries = n_points * DOC_TOKENS  # a point's distinct words are at most its tokens
+        output += 8 * word_entries + 8 * (n_points + 2)
+        staging += 8 * word_entries
+        # word weights, ids and cdfs (44 per word); topic and label words drawn as float64/int64
+        build_features = label_model + 44 * vocabulary + 100 * n_labels
+        # background cdf, document frequencies and a block's count of them; label words
+        models = label_model + 24 * vocabulary + 17 * n_labels
+        block_arrays += block * DOC_TOKENS * 64  # per token: rows, sources, words, pair keys, sort
+        rows += 8 * n_points  # the feature row counts of both splits wait for the idf
+    arrays = max(build_labels, build_features, models + block_arrays + rows)
+    # The process grows past the arrays counted: by up to 5% in sort buffers and sparse-product
+    # scratch (measured at 4M labels), and by a block's arrays that the allocator keeps while the
+    # next block allocates.
+    memory = 1.1 * arrays + block_arrays
+    return Footprint(int(output), int(output + staging), int(memory))
+
+
+def describe_shape(shape: SyntheticShape) -> str:
+    """The name and sizes of ``shape`` on one line, as messages give them."""
+    scaled = f" at scale {shape.scale:g}" if shape.like is not None and shape.scale != 1.0 else ""
+    return (
+        f"{shape.name}{scaled} ({shape.n_train:,} train and {shape.n_test:,} test points, {shape.n_labels:,} labels, "
+        f"{shape.n_features:,} {shape.features} features)"
+    )
+
+
+def check_room(shape: SyntheticShape, out_dir: Path) -> Footprint:
+    """``shape``'s footprint; raises when it exceeds the free disk at ``out_dir`` or the available memory."""
+    need = estimate_footprint(shape)
+    free_disk = storage.free_disk_bytes(out_dir)
+    free_memory = storage.available_memory_bytes()
+    short = []
+    if need.disk_bytes > free_disk:
+        short.append(
+            f"about {storage.format_bytes(need.disk_bytes)} of disk, but {storage.format_bytes(free_disk)} "
+            f"are free at {storage.nearest_existing(out_dir)}"
+        )
+    if free_memory is not None and need.memory_bytes > free_memory:
+        short.append(
+            f"about {storage.format_bytes(need.memory_bytes)} of memory, but "
+            f"{storage.format_bytes(free_memory)} are available"
+        )
+    if short:
+        raise XMLSparseError(
+            f"{describe_shape(shape)} needs " + " and ".join(short) + "; lower the scale or the sizes"
+        )
+    return need
 
 
 def _like_sizes(like: str):
@@ -489,12 +613,24 @@ def _blocks(n_points: int) -> Iterable[tuple[int, int]]:
         yield number, min(BLOCK_POINTS, n_points - start)
 
 
-def _write_splits(shape: SyntheticShape, seed: int, folder: Path) -> list[str]:
-    """Generate both splits into ``folder``; returns the file names written, meta.json last."""
+@dataclass
+class _Models:
+    labels: _LabelModel
+    dense: _DenseModel | None  # set for dense features
+    words: _WordModel | None  # set for bow features
+
+
+def _build_models(shape: SyntheticShape, seed: int) -> _Models:
     model_rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(2**16,))))
     labels = _label_model(shape.n_labels, model_rng)
     dense = _dense_model(labels, shape.n_features, model_rng) if shape.features == "dense" else None
     words = _word_model(labels, shape.n_features, model_rng) if shape.features == "bow" else None
+    return _Models(labels, dense, words)
+
+
+def _write_splits(shape: SyntheticShape, seed: int, models: _Models, folder: Path, bar: tqdm) -> list[str]:
+    """Generate both splits into ``folder``, points counted on ``bar``; returns the file names, meta.json last."""
+    labels, dense, words = models.labels, models.dense, models.words
     document_freq = np.zeros(shape.n_features, np.int64)
     word_staging: dict[str, _CsrStaging] = {}
     label_nnz = {}
@@ -516,11 +652,12 @@ def _write_splits(shape: SyntheticShape, seed: int, folder: Path) -> list[str]:
                 label_nnz[split] += y.nnz
                 if dense is not None:
                     dense_file.write(_dense_block(dense, y, rng).data)
-                    continue
-                x = _bow_block(words, y, rng)
-                word_staging[split].append(x)
-                if split == "trn":
-                    document_freq += np.bincount(x.indices, minlength=shape.n_features)
+                else:
+                    x = _bow_block(words, y, rng)
+                    word_staging[split].append(x)
+                    if split == "trn":
+                        document_freq += np.bincount(x.indices, minlength=shape.n_features)
+                bar.update(size)
         label_staging.write_npz(folder / f"Y.{split}.npz")
         names.append(f"Y.{split}.npz")
     if words is not None:  # tf-idf needs the train document frequencies, known only now

@@ -86,3 +86,27 @@ class StepMemory:
         """The run's peak so far, across the resets."""
         torch.cuda.synchronize(self.device)
         return max(self._earlier_peak, int(torch.cuda.max_memory_allocated(self.device)))
+
+
+def estimated_step_peak(
+    model: XMCModel, moments: str, batch_size: int, n_labels: int, precision: str,
+) -> dict[str, int]:
+    """Bytes a training step is expected to hold at its peak, known before any step runs: the model
+    (weights and index tables), the weights' gradients, Adam's two moments per weight (4 bytes each
+    as ``float32``, 2 as ``bfloat16``) and one batch's logits (2 bytes each under ``bf16``, else 4);
+    ``total`` adds them. Activations below the head and the backward's temporaries are left out,
+    so the peak that ``StepMemory`` measures is somewhat higher."""
+    weights = [p for p in model.parameters() if p.requires_grad]
+    gradients = _tensor_bytes(weights)
+    head_weight = getattr(model.head, "weight", None)
+    if getattr(model.head, "weight_update", None) is not None and head_weight is not None:
+        # The head takes its optimizer step inside the backward and never holds its whole gradient.
+        gradients -= _tensor_bytes([head_weight])
+    report = {
+        "model": model.memory_report()["total"],
+        "gradients": gradients,
+        "optimizer_state": 2 * (4 if moments == "float32" else 2) * sum(p.numel() for p in weights),
+        "logits": batch_size * n_labels * (2 if precision == "bf16" else 4),
+    }
+    report["total"] = sum(report.values())
+    return report

@@ -1,6 +1,8 @@
 """The training loop: batches -> model -> loss -> backward -> optimizer -> rewiring, with a run directory.
 
-A run directory holds the resolved config, ``metrics.jsonl`` (one line per epoch), checkpoints written
+A run directory holds the resolved config (its data named by absolute paths), what prediction needs
+besides the model (``preprocessing.json`` and the files it names, see ``save_run_inputs``), so that
+the directory predicts wherever it is moved, ``metrics.jsonl`` (one line per epoch), checkpoints written
 atomically (``checkpoints/last.pt``, the full state, as often as ``train.checkpoint`` says, at the end
 and on SIGINT; ``checkpoints/best.pt``, the model alone, whenever validation improves) and, at the end,
 ``final.json`` with the test metrics of the best checkpoint, overall (``test``) and by training
@@ -16,10 +18,12 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from tqdm import tqdm
 from xmlsparse.atomic import atomic_write, remove_partial_writes
 from xmlsparse.config import Config, config_to_dict, load_config, save_config
 from xmlsparse.data.batches import Batch, BatchIterator, Prefetcher
+from xmlsparse.data.storage import format_bytes
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.evaluate import autocast_for, evaluate
 from xmlsparse.metrics import label_frequencies
@@ -39,9 +44,9 @@ from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.train.checkpoint import BEST, LAST, CheckpointWriter, load_checkpoint, rng_state, set_rng_state
 from xmlsparse.train.compact_adam import BackwardUpdate, CompactAdam
 from xmlsparse.train.losses import LossFn, loss_fn
-from xmlsparse.train.memory import StepMemory, optimizer_state_bytes, state_bytes
+from xmlsparse.train.memory import StepMemory, estimated_step_peak, optimizer_state_bytes, state_bytes
 from xmlsparse.train.schedules import Schedule
-from xmlsparse.train.setup import model_for, prepare_data, resolve_device
+from xmlsparse.train.setup import model_for, prepare_data, resolve_device, save_run_inputs, with_absolute_data_paths
 
 # Steps between checks of the running loss for NaN: each check waits for the device.
 FINITE_CHECK_INTERVAL = 100
@@ -49,6 +54,10 @@ FINITE_CHECK_INTERVAL = 100
 
 class TrainingDiverged(XMLSparseError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class RunFinished(XMLSparseError):
+    """A resume of a run that has ended (its final.json written): there is nothing to train."""
 
 
 def _fresh_epoch_stats() -> dict[str, float]:
@@ -134,7 +143,7 @@ class Trainer:
         np.random.seed(config.train.seed)
         self.data = prepare_data(config)
         train = self.data.train
-        self.model = model_for(config, train, device)
+        self.model = model_for(config, train.n_features, train.n_labels, device)
         self.optimizer = build_optimizer(self.model, config)
         batch_size = config.train.batch_size
         steps_per_epoch = math.ceil(len(self.data.train_rows) / batch_size)
@@ -246,6 +255,37 @@ class Trainer:
 
     def _log(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
+
+    def summary(self) -> str:
+        """What the run is about to train, logged before its first epoch: the data, the model's
+        parameters by part and its head's memory, the device with an estimate of a step's peak
+        memory (``estimated_step_peak``), and the run directory."""
+        config, data, train = self.config, self.data, self.data.train
+        params = {name: sum(p.numel() for p in part.parameters()) for name, part in self.model.parts().items()}
+        held = self.model.memory_report()
+        peak = estimated_step_peak(
+            self.model, config.train.optimizer.moments, config.train.batch_size, train.n_labels, self.precision,
+        )
+        device = str(self.device)
+        if self.device.type == "cuda":
+            properties = torch.cuda.get_device_properties(self.device)
+            device += f" ({properties.name}, {format_bytes(properties.total_memory)})"
+        index = f", index {format_bytes(held['head_indices'])}" if held["head_indices"] else ""
+        resumed = f", resumed in epoch {self.epoch + 1} at step {self.step:,}" if self.step else ""
+        return "\n".join([
+            f"data:   {data.name}: {len(data.train_rows):,} train / {len(data.val_rows):,} validation / "
+            f"{data.test.n_points:,} test points, {train.n_features:,} {config.data.features} features, "
+            f"{train.n_labels:,} labels, {train.Y.nnz / max(1, train.n_points):.2f} labels a point",
+            f"model:  {sum(params.values()):,} parameters ("
+            + ", ".join(f"{name} {count:,}" for name, count in params.items())
+            + f"); head {format_bytes(held['head_params'] + held['head_indices'])} "
+            f"(weights and bias {format_bytes(held['head_params'])}{index})",
+            f"device: {device}, {self.precision}; estimated peak memory {format_bytes(peak['total'])} "
+            f"(model {format_bytes(peak['model'])}, gradients {format_bytes(peak['gradients'])}, "
+            f"optimizer state {format_bytes(peak['optimizer_state'])}, "
+            f"one batch's logits {format_bytes(peak['logits'])})",
+            f"run:    {self.run_dir.absolute()}{resumed}",
+        ])
 
     def _train_epoch(self) -> bool:
         """Run the rest of the current epoch; False when interrupted by SIGINT."""
@@ -381,6 +421,7 @@ class Trainer:
         ``on_epoch`` receives each validated epoch's ``metrics.jsonl`` record and ends the run
         (as early stopping does) by returning True. ``test=False`` skips the test evaluation.
         """
+        self._log(self.summary())
         previous = signal.signal(signal.SIGINT, self._request_stop)
         try:
             while self.epoch < self.config.train.epochs:
@@ -421,6 +462,8 @@ class Trainer:
         best_score = self.best_score if best_saved is None else best_saved["best_score"]
         test_entry: dict[str, Any] = {}  # final.json's "test" and "test_by_frequency", when evaluated
         if test:
+            which = "the last model" if best_saved is None else f"the best checkpoint (epoch {best_saved['epoch']})"
+            self._log(f"test evaluation: {which} on {self.data.test.n_points:,} test points")
             if best_saved is not None:
                 self.model.load_state_dict(best_saved["model"])  # via host memory, as in restore
             # Buckets by the label counts of the whole training file, as the propensities are.
@@ -451,25 +494,69 @@ def write_json(path: Path, value: Any) -> None:
         handle.write(json.dumps(value, indent=2) + "\n")
 
 
-def start_run(config: Config, run_dir: Path) -> Trainer:
-    """Create a new run directory (refusing to overwrite one) and a trainer for it."""
-    if (run_dir / "checkpoints").exists():
-        raise XMLSparseError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick --out")
+def start_run(config: Config, run_dir: Path, overwrite: bool = False) -> Trainer:
+    """Create a new run directory and a trainer for it. A directory that holds a run already is
+    refused, or with ``overwrite`` replaced, once the trainer is built (so a config that the data or
+    the device rejects leaves the old run as it was).
+
+    The saved config names the data by absolute paths, and the directory keeps the fitted
+    preprocessing and the data set's shape (``save_run_inputs``), so that the run can be
+    evaluated from any working directory and can predict once moved elsewhere."""
+    holds_run = (run_dir / "checkpoints").exists()
+    if holds_run and not overwrite:
+        raise XMLSparseError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir}, replace it with --overwrite, "
+            "or pick another --out"
+        )
+    config = with_absolute_data_paths(config)
+    # The trainer (device, data, model, schedule) comes first and writes nothing into the run
+    # directory: a config that the data or the device rejects then leaves no directory behind.
+    trainer = Trainer(config, run_dir, resolve_device(config.train.device))
+    if holds_run:
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
-    return Trainer(config, run_dir, resolve_device(config.train.device))
+    save_run_inputs(run_dir, config, trainer.data)
+    return trainer
 
 
-def resume_run(run_dir: Path, device: str | None = None) -> Trainer:
-    """Rebuild the trainer of ``run_dir`` from its saved config and its last checkpoint."""
+def resume_run(run_dir: Path, device: str | None = None, epochs: int | None = None) -> Trainer:
+    """Rebuild the trainer of ``run_dir`` from its saved config and its last checkpoint; ``device``
+    runs it elsewhere this time (the saved config keeps its own).
+
+    ``epochs``, more than the run's ``train.epochs``, lengthens the run: it is written to the run's
+    config.yaml, and a final.json of the shorter run is removed, as that run is no longer finished.
+    What is planned over the run's steps (a cosine schedule, rewiring's ``stop``) stretches to the
+    new length from here on, and early stopping still applies: a run that it ended goes on only
+    while validation improves. Without ``epochs``, a run whose final.json exists raises ``RunFinished``.
+    """
     last = run_dir / "checkpoints" / LAST
     if not last.exists():
         raise XMLSparseError(f"{run_dir}: no checkpoint to resume from ({last} is missing)")
-    config = load_config(run_dir / "config.yaml")
-    if device is not None:
-        config.train.device = device
-    trainer = Trainer(config, run_dir, resolve_device(config.train.device))
+    config_path = run_dir / "config.yaml"
+    config = load_config(config_path)
+    planned = config.train.epochs
+    final = run_dir / "final.json"
+    if epochs is not None and epochs <= planned:
+        raise XMLSparseError(
+            f"train.epochs={epochs}: {config_path} plans {planned} epochs already; a resume may only add "
+            f"epochs (train.epochs greater than {planned})"
+        )
+    if epochs is None and final.exists():
+        raise RunFinished(
+            f"{run_dir} is finished: {final} holds its results, nothing was changed "
+            f"(to train it longer: --resume {run_dir} --set train.epochs=N with N greater than {planned})"
+        )
+    if epochs is not None:
+        config = replace(config, train=replace(config.train, epochs=epochs))
+    run_config = config if device is None else replace(config, train=replace(config.train, device=device))
+    trainer = Trainer(run_config, run_dir, resolve_device(run_config.train.device))
     trainer.restore(last)
+    if epochs is not None:
+        # final.json goes first: a kill in between then leaves the shorter run unfinished, which
+        # a later resume ends as it would have, never a longer config beside the shorter run's results.
+        final.unlink(missing_ok=True)
+        save_config(config, config_path)
     for name in (LAST, BEST):
         remove_partial_writes(trainer.checkpoint_dir / name)
     _keep_metrics_through(run_dir / "metrics.jsonl", trainer.epoch)
