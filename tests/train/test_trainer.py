@@ -170,10 +170,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data):
         return logits.sum() * float("nan")
 
     trainer.loss = nan_loss
-    with pytest.raises(TrainingDiverged, match="loss became nan"):
+    with pytest.raises(TrainingDiverged, match="loss became nan.*checkpoint, .*last.pt, is kept"):
         trainer.fit()
     assert (run / "checkpoints" / "last.pt").read_bytes() == good
     assert not (run / "final.json").exists()
+
+
+def test_nan_loss_before_any_checkpoint_says_none_exists(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    trainer = start_run(load_config(tiny_config(tmp_path, tiny_data, epochs=2)), run)
+    trainer.loss = lambda logits, y_indices, y_ptr: logits.sum() * float("nan")
+    with pytest.raises(TrainingDiverged, match="no full checkpoint was written yet") as error:
+        trainer.fit()
+    assert "is kept" not in str(error.value)
+    assert not (run / "checkpoints" / "last.pt").exists()
 
 
 def test_resume_from_a_last_checkpoint_older_than_best_ends_like_an_uninterrupted_run(tmp_path, tiny_data):

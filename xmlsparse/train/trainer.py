@@ -341,12 +341,19 @@ class Trainer:
         return self.batch_in_epoch >= n_batches
 
     def _check_finite(self, running: torch.Tensor) -> None:
-        if not torch.isfinite(running):
-            raise TrainingDiverged(
-                f"the training loss became {running.item()} at epoch {self.epoch + 1}, step {self.step}; "
-                f"the last good checkpoint is kept in {self.checkpoint_dir / LAST} "
-                "(try a lower learning rate, train.optimizer.lr)"
-            )
+        if torch.isfinite(running):
+            return
+        # Non-finite inputs are refused when the data loads, so what is left is the optimisation.
+        self.checkpoints.wait()
+        last = self.checkpoint_dir / LAST
+        kept = (
+            f"the last full checkpoint, {last}, is kept; continue from it with --resume {self.run_dir}"
+            if last.exists() else f"no full checkpoint was written yet ({last} does not exist)"
+        )
+        raise TrainingDiverged(
+            f"the training loss became {running.item()} at epoch {self.epoch + 1}, step {self.step}; {kept} "
+            "(try a lower learning rate, train.optimizer.lr)"
+        )
 
     def _end_epoch(self) -> bool:
         """Validate, checkpoint, log; True when early stopping ends the run."""
