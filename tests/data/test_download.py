@@ -665,15 +665,6 @@ def test_a_failed_install_leaves_the_root_as_it_was(tmp_path, failure, root_exis
     assert tree(tmp_path) == before
 
 
-@pytest.fixture
-def read_only_folder(tmp_path):
-    folder = tmp_path / "read-only"
-    folder.mkdir()
-    folder.chmod(0o555)
-    yield folder
-    folder.chmod(0o755)
-
-
 @pytest.mark.parametrize("case", ["file", "under-a-file", "read-only", "under-read-only", "data-set-is-a-file"])
 def test_root_that_cannot_be_written_fails_before_any_work(tmp_path, read_only_folder, monkeypatch, case):
     monkeypatch.setattr(download, "_install", lambda *args: pytest.fail("the path is checked before any work"))

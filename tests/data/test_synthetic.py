@@ -202,15 +202,6 @@ def must_not_run(*args):
     raise AssertionError("reached a step that the failed check should have prevented")
 
 
-@pytest.fixture
-def read_only_folder(tmp_path):
-    folder = tmp_path / "read-only"
-    folder.mkdir()
-    folder.chmod(0o555)
-    yield folder
-    folder.chmod(0o755)
-
-
 @pytest.mark.parametrize("short_of", ["disk", "memory"])
 def test_a_set_larger_than_the_free_disk_or_memory_is_refused_before_any_work(tmp_path, monkeypatch, short_of):
     monkeypatch.setattr(storage, "free_disk_bytes", lambda path: 2**20 if short_of == "disk" else 2**50)
