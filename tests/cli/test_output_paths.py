@@ -91,7 +91,7 @@ def test_eval_save_predictions_in_a_read_only_run_fails_first(tiny_run, tmp_path
     before = sorted(p.name for p in run.iterdir())
     read_only(run)
     result = invoke("eval", str(run), "--save-predictions")
-    assert_one_error_line(result, str(run / "predictions-test.txt"), "cannot write in")
+    assert_one_error_line(result, str(run / "predictions-test.txt"), "is not writable")
     assert sorted(p.name for p in run.iterdir()) == before
 
 
@@ -99,11 +99,11 @@ def test_train_out_onto_a_file_or_in_a_read_only_folder_fails_first(tiny_run, tm
     config = tiny_run[0] / "config.yaml"
     taken = tmp_path / "taken"
     taken.write_text("keep me")
-    assert_one_error_line(invoke("train", str(config), "--out", str(taken)), str(taken), "is a file, not a folder")
+    assert_one_error_line(invoke("train", str(config), "--out", str(taken)), str(taken), "exists and is not a folder")
     assert taken.read_text() == "keep me"
     locked = read_only(tmp_path / "locked")
     result = invoke("train", str(config), "--out", str(locked / "run"))
-    assert_one_error_line(result, str(locked / "run"), "cannot write in")
+    assert_one_error_line(result, str(locked / "run"), "is not writable")
     assert not (locked / "run").exists()
 
 
@@ -112,7 +112,7 @@ def test_tune_out_onto_a_file_fails_first(tiny_run, tmp_path, monkeypatch):
     taken = tmp_path / "taken"
     taken.write_text("")
     result = invoke("tune", str(tiny_run[0] / "config.yaml"), "--trials", "1", "--out", str(taken))
-    assert_one_error_line(result, str(taken), "is a file, not a folder")
+    assert_one_error_line(result, str(taken), "exists and is not a folder")
 
 
 def test_an_os_error_during_the_work_is_one_line(tiny_run, tmp_path, monkeypatch):

@@ -87,4 +87,4 @@ def test_report_refuses_a_folder_that_is_no_run_or_an_out_that_is_a_file(tiny_ru
     taken.write_text("")
     result = runner.invoke(app, ["report", str(tiny_run[0]), "--out", str(taken)])
     assert result.exit_code == 2
-    assert result.output == f"error: {taken}: is a file, not a folder\n"
+    assert result.output == f"error: output folder {taken} exists and is not a folder\n"

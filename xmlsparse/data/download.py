@@ -57,6 +57,7 @@ from xmlsparse.data.datasets import (
 )
 from xmlsparse.data.formats import write_npz_pair
 from xmlsparse.errors import XMLSparseError
+from xmlsparse.outputs import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,8 @@ def download_dataset(
             raise XMLSparseError(
                 f"no mirror is known for {name} ({variant}); install an archive with --url or --from-file"
             )
-    storage.require_writable_folder(root, "data root")
-    storage.require_writable_folder(target, "data set folder")
+    check_output_dir(root, "data root")
+    check_output_dir(target, "data set folder")
 
     with storage.created_folder(root, "data root"):
         if from_file is not None:

@@ -1,4 +1,5 @@
-"""Room for the files a command writes: a folder it may write, free disk and available memory.
+"""Room for the files a command writes: free disk and available memory, and folders created
+for the work that are removed again when it fails.
 
 Commands check these before any work, so that one that cannot finish says so at once instead of
 failing (or being killed) half-way, and remove the folders they created when they fail.
@@ -9,48 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from xmlsparse.errors import XMLSparseError
+from xmlsparse.outputs import nearest_existing
 
 MEMINFO = Path("/proc/meminfo")
-
-
-def nearest_existing(path: Path) -> Path:
-    """``path`` itself when it exists, else its closest existing ancestor (where a mkdir would start)."""
-    path = Path(path)
-    # lexists: a dangling link is something in the way, not a free name
-    while not os.path.lexists(path) and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _writable(folder: Path) -> bool:
-    # The mode bits count too: a folder marked read-only stays untouched even for root, who passes os.access.
-    try:
-        writable_bits = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
-        return os.access(folder, os.W_OK | os.X_OK) and bool(folder.stat().st_mode & writable_bits)
-    except OSError:
-        return False
-
-
-def require_writable_folder(path: Path, what: str) -> None:
-    """Raise unless ``path`` is a folder that can be written, or one that can be created.
-
-    ``what`` names the path in the message, e.g. "output folder" or "data root".
-    """
-    path = Path(path)
-    existing = nearest_existing(path)
-    if not existing.is_dir():
-        if existing == path:
-            raise XMLSparseError(f"{what} {path} exists and is not a folder")
-        raise XMLSparseError(f"{what} {path} cannot be created: {existing} is not a folder")
-    if not _writable(existing):
-        if existing == path:
-            raise XMLSparseError(f"{what} {path} is not writable")
-        raise XMLSparseError(f"{what} {path} cannot be created: {existing} is not writable")
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from xmlsparse.data import storage
 from xmlsparse.errors import XMLSparseError
+from xmlsparse.outputs import check_output_dir, nearest_existing
 from xmlsparse.metrics import DEFAULT_PROPENSITY
 
 BLOCK_POINTS = 8192
@@ -211,7 +212,7 @@ def generate(
     """
     shape = resolve_shape(like, scale, n_train, n_test, n_labels, n_features, labels_per_point, features, dim)
     out = Path(out_dir)
-    storage.require_writable_folder(out, "output folder")
+    check_output_dir(out, "output folder")
     footprint = check_room(shape, out)
     if progress is not None:
         progress(
@@ -323,7 +324,7 @@ def check_room(shape: SyntheticShape, out_dir: Path) -> Footprint:
     if need.disk_bytes > free_disk:
         short.append(
             f"about {storage.format_bytes(need.disk_bytes)} of disk, but {storage.format_bytes(free_disk)} "
-            f"are free at {storage.nearest_existing(out_dir)}"
+            f"are free at {nearest_existing(out_dir)}"
         )
     if free_memory is not None and need.memory_bytes > free_memory:
         short.append(
