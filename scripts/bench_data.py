@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from xmlsparse.data.formats import XMCData, load_split, read_xc_text, write_xc_text
+from xmlsparse.data.formats import load_split, read_xc_text, write_xc_text
+from xmlsparse.data.types import XMCData
 from xmlsparse.data.synthetic import generate, resolve_shape
 
 XC_LIKE = "amazon-670k"  # shape of the bag-of-words set written as XC text

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from xmlsparse.data.batches import Batch, BatchIterator, Prefetcher
-from xmlsparse.data.formats import XMCData
+from xmlsparse.data.types import XMCData
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.metrics import (
     DEFAULT_BUCKETS,

@@ -9,7 +9,8 @@ import pytest
 import scipy.sparse as sp
 
 from xmlsparse.data.cache import CACHE_SUFFIX, load_cached
-from xmlsparse.data.formats import XMCData, load_split, read_xc_text, write_xc_text
+from xmlsparse.data.formats import load_split, read_xc_text, write_xc_text
+from xmlsparse.data.types import XMCData
 
 
 class CountingReader:

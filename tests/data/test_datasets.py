@@ -19,7 +19,8 @@ from xmlsparse.data.datasets import (
     format_dataset_rows,
     load_dataset,
 )
-from xmlsparse.data.formats import XMCData, write_npz_pair, write_xc_text
+from xmlsparse.data.formats import write_npz_pair, write_xc_text
+from xmlsparse.data.types import XMCData
 from xmlsparse.errors import XMLSparseError
 
 TRAIN = XMCData(

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from xmlsparse.cli import app
 from xmlsparse.config import config_from_dict, load_config
-from xmlsparse.data.formats import XMCData
+from xmlsparse.data.types import XMCData
 from xmlsparse.data.synthetic import generate
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.train.setup import fit_preprocessing, load_run_inputs, with_absolute_data_paths

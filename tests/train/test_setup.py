@@ -3,7 +3,7 @@ import pytest
 import scipy.sparse as sp
 
 from xmlsparse.config import config_from_dict
-from xmlsparse.data.formats import XMCData
+from xmlsparse.data.types import XMCData
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.train.setup import fit_preprocessing, normalized_rows, resolve_device, whole_number_values
 

@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from xmlsparse.atomic import atomic_write
-from xmlsparse.data.formats import PathLike, XMCData
+from xmlsparse.data.types import PathLike, XMCData
 from xmlsparse.errors import XMLSparseError
 
 CACHE_VERSION = 1

@@ -19,7 +19,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from xmlsparse.data.formats import (
-    XMCData,
     load_split,
     read_attentionxml,
     read_npz_pair,
@@ -27,6 +26,7 @@ from xmlsparse.data.formats import (
     read_xc_text,
     with_npy_features,
 )
+from xmlsparse.data.types import XMCData
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.metrics import DEFAULT_PROPENSITY
 

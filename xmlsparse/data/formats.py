@@ -17,7 +17,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO, Iterator, Sequence, Union
+from typing import IO, BinaryIO, Iterator, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,26 +25,12 @@ from sklearn.datasets import dump_svmlight_file, load_svmlight_file
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from xmlsparse.atomic import atomic_write
+from xmlsparse.data.cache import load_cached
+from xmlsparse.data.types import PathLike, XMCData
 from xmlsparse.errors import XMLSparseError
-
-PathLike = Union[str, os.PathLike]
 
 DEFAULT_MAX_FEATURES = 100_000
 """Vocabulary size of the tf-idf features built from AttentionXML text."""
-
-
-@dataclass
-class XMCData:
-    """One split: features X [N, D] and labels Y [N, L]."""
-
-    X: sp.csr_matrix | np.ndarray
-    Y: sp.csr_matrix
-    n_features: int
-    n_labels: int
-
-    @property
-    def n_points(self) -> int:
-        return self.Y.shape[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,8 +595,6 @@ def load_split(path_or_paths: PathLike | Sequence[PathLike]) -> XMCData:
     (named with or without '.gz'). The partner file is found by name when only the first is given;
     pairs are (features, labels).
     """
-    from xmlsparse.data.cache import load_cached  # the cache stores XMCData, defined above
-
     given = [path_or_paths] if isinstance(path_or_paths, (str, os.PathLike)) else list(path_or_paths)
     paths = [Path(p) for p in given]
     if len(paths) == 1 and (partner := _labels_partner(paths[0])) is not None:

@@ -21,7 +21,7 @@ from xmlsparse.atomic import atomic_write
 from xmlsparse.config import Config, config_to_dict
 from xmlsparse.data.batches import split_validation
 from xmlsparse.data.datasets import REGISTRY, dataset_dir, load_dataset
-from xmlsparse.data.formats import XMCData
+from xmlsparse.data.types import XMCData
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.metrics import DEFAULT_PROPENSITY, inverse_propensity, label_frequencies
 from xmlsparse.nn.model import XMCModel, build_model
