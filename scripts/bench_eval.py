@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from xmlsparse.evaluate import evaluate, load_run
+from xmlsparse.evaluate import evaluate
+from xmlsparse.runs import load_run
 
 
 def main() -> None:

@@ -343,7 +343,8 @@ def eval_command(
     """Evaluate a run directory, or score a prediction file against a data set.
 
     A second table splits P@k and PSP@k by the labels' training frequency (head, torso, tail)."""
-    from xmlsparse.evaluate import evaluate_predictions_file, evaluate_run_dir, saved_predictions_path
+    from xmlsparse.evaluate import evaluate_predictions_file
+    from xmlsparse.runs import evaluate_run_dir, saved_predictions_path
     from xmlsparse.metrics import DEFAULT_BUCKETS
     from xmlsparse.train.trainer import write_json
 
@@ -387,7 +388,7 @@ def predict(
     out: Optional[Path] = typer.Option(None, help="Output: .npz (CSR scores) or text label:score lines."),
 ) -> None:
     """Write the top-k labels of every point of INPUT."""
-    from xmlsparse.evaluate import predict_file
+    from xmlsparse.runs import predict_file
 
     written = predict_file(run_dir, input_path, top_k, out)
     if written.top_k < top_k:

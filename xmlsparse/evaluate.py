@@ -5,10 +5,9 @@ No N x L score matrix exists: each batch's logits are reduced to its top-k befor
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, overload
+from typing import overload
 
 import numpy as np
 import torch
@@ -25,13 +24,6 @@ from xmlsparse.metrics import (
     merge_topk,
     topk_values_and_indices,
 )
-from xmlsparse.outputs import check_output_file
-
-if TYPE_CHECKING:  # for annotations only: the run's setup lives in the training layer above
-    from xmlsparse.config import Config
-    from xmlsparse.nn.model import XMCModel
-    from xmlsparse.train.setup import PreparedData, RunInputs
-
 
 # Logits of one batch held at a time while scoring: bounds evaluation memory whatever L is.
 # 2^26 (128 MiB of bf16 logits): when block sizes were compared, test evaluation at amazon-670k
@@ -177,7 +169,7 @@ def evaluate_predictions_file(
     from xmlsparse.data.predictions import read_predictions
     from xmlsparse.metrics import DEFAULT_PROPENSITY, inverse_propensity, topk_from_sparse_scores
 
-    _check_buckets(buckets)
+    check_buckets(buckets)
     truth_labels = _labels_of(truth)
     n_points, n_labels = truth_labels.shape
     scores = read_predictions(predictions, n_labels=n_labels)
@@ -204,7 +196,7 @@ def evaluate_predictions_file(
     return metrics.compute(), None if by_freq is None else by_freq.compute()
 
 
-def _check_buckets(buckets: int) -> None:
+def check_buckets(buckets: int) -> None:
     """A number of frequency buckets, 0 meaning no frequency table."""
     if buckets < 0:
         raise XMLSparseError(f"--buckets {buckets}: expected a number of frequency buckets, or 0 for none")
@@ -217,154 +209,3 @@ def _labels_of(path: Path):
     if path.suffix == ".npz" and path.name.startswith("Y."):
         return read_csr_npz(path)
     return load_split(path).Y
-
-
-def check_run_dir(run_dir: Path) -> Path:
-    """The config file of a run directory; ``XMLSparseError`` when ``run_dir`` has none."""
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise XMLSparseError(f"{run_dir}: not a run directory ({config_path.name} is missing)")
-    return config_path
-
-
-def _run_checkpoint(run_dir: Path) -> Path:
-    """The best (else last) checkpoint of a run directory."""
-    from xmlsparse.train.checkpoint import BEST, LAST
-
-    checkpoint = next((p for p in (run_dir / "checkpoints" / BEST, run_dir / "checkpoints" / LAST) if p.exists()), None)
-    if checkpoint is None:
-        raise XMLSparseError(f"{run_dir}: no checkpoint yet (checkpoints/{BEST} and {LAST} are missing)")
-    return checkpoint
-
-
-def _load_model(config: Config, n_features: int, n_labels: int, checkpoint: Path, device: torch.device) -> XMCModel:
-    """The model of ``config`` with the weights of ``checkpoint``."""
-    from xmlsparse.train.checkpoint import load_checkpoint
-    from xmlsparse.train.setup import model_for
-
-    model = model_for(config, n_features, n_labels, device)
-    # Mapped to host memory and copied into the model: of a last.pt only the model is read, not the
-    # optimizer moments beside it.
-    model.load_state_dict(load_checkpoint(checkpoint, mmap=True)["model"])
-    return model
-
-
-def load_run_model(
-    run_dir: Path, device: torch.device | None = None,
-) -> tuple[Config, RunInputs, XMCModel, torch.device]:
-    """The config, stored inputs (``RunInputs``) and best (else last) model of a run directory, read
-    from the run directory alone: what prediction needs, wherever the directory has moved."""
-    from xmlsparse.config import load_config
-    from xmlsparse.train.setup import load_run_inputs, resolve_device
-
-    config = load_config(check_run_dir(run_dir))
-    device = device if device is not None else resolve_device(config.train.device)
-    checkpoint = _run_checkpoint(run_dir)
-    stored = load_run_inputs(run_dir)
-    return config, stored, _load_model(config, stored.n_features, stored.n_labels, checkpoint, device), device
-
-
-def load_run(run_dir: Path, device: torch.device | None = None) -> tuple[Config, PreparedData, XMCModel, torch.device]:
-    """The config, prepared data and best (else last) model of a run directory. The data is read
-    from where the saved config says and preprocessed as the run stored it; a run directory from
-    before the preprocessing was stored gets it fitted from its training data and stored."""
-    from xmlsparse.config import load_config
-    from xmlsparse.train.setup import RUN_INPUTS_FILE, load_run_inputs, prepare_data, resolve_device, save_run_inputs
-
-    config_path = check_run_dir(run_dir)
-    config = load_config(config_path)
-    device = device if device is not None else resolve_device(config.train.device)
-    checkpoint = _run_checkpoint(run_dir)
-    stored = load_run_inputs(run_dir) if (run_dir / RUN_INPUTS_FILE).is_file() else None
-    try:
-        data = prepare_data(config, None if stored is None else stored.preprocess)
-    except XMLSparseError as error:
-        raise XMLSparseError(
-            f"{run_dir}: cannot read the data of this run ({error}); if the data has moved, point data.dataset "
-            f"(and data.root) in {config_path} at its new place"
-        ) from None
-    if stored is None:
-        # Kept for predict; a run directory that cannot be written is still evaluated.
-        with contextlib.suppress(OSError):
-            save_run_inputs(run_dir, config, data)
-    return config, data, _load_model(config, data.train.n_features, data.train.n_labels, checkpoint, device), device
-
-
-def evaluate_run_dir(
-    run_dir: Path, split: str, ks: list[int], save_predictions: bool = False, buckets: int = DEFAULT_BUCKETS
-) -> tuple[dict[str, float], list[BucketRow] | None]:
-    """Metrics of a run's best model on its test split or its validation split, and with ``buckets``
-    > 0 the table by label-frequency bucket (else None). Label frequencies, like the propensities,
-    are counted over the whole training file, the validation rows included."""
-    from xmlsparse.data.predictions import write_predictions
-
-    _check_buckets(buckets)
-    if save_predictions:
-        check_run_dir(run_dir)  # before the output check, whose folder this is
-        check_output_file(saved_predictions_path(run_dir, split))
-    config, data, model, device = load_run(run_dir)
-    precision = config.train.precision if device.type == "cuda" else "fp32"
-    source = data.test if split == "test" else data.train
-    points = None if split == "test" else data.val_rows
-    batch_size = config.train.eval_batch_size
-    table = None
-    if buckets > 0:
-        metrics, table = evaluate(
-            model, source, ks, batch_size, device, precision, data.inv_propensity, points,
-            label_freq=label_frequencies(data.train.Y), buckets=buckets,
-        )
-    else:
-        metrics = evaluate(model, source, ks, batch_size, device, precision, data.inv_propensity, points)
-    if save_predictions:
-        subset = source if points is None else XMCData(source.X[points], source.Y[points], source.n_features, source.n_labels)
-        ids, scores = predict_topk(model, subset, max(ks), batch_size, device, precision)
-        write_predictions(saved_predictions_path(run_dir, split), ids, scores, n_labels=source.n_labels)
-    return metrics, table
-
-
-def saved_predictions_path(run_dir: Path, split: str) -> Path:
-    """Where ``evaluate_run_dir`` writes the top-k predictions of ``split`` when asked to."""
-    return run_dir / f"predictions-{split}.txt"
-
-
-class WrittenPredictions(NamedTuple):
-    """What ``predict_file`` wrote: the file, and the labels per point (the asked top-k, capped at
-    the model's number of labels)."""
-
-    path: Path
-    top_k: int
-
-
-def predict_file(run_dir: Path, input_path: Path, top_k: int, out: Path | None = None) -> WrittenPredictions:
-    """Top-k labels of every point of an input file (XC text, npz, or dense .npy rows), written to
-    ``out`` (default: ``predictions.txt`` in ``run_dir``)."""
-    import scipy.sparse as sp
-
-    from xmlsparse.data.formats import load_split, read_npy_features
-    from xmlsparse.data.predictions import write_predictions
-
-    if top_k < 1:
-        raise XMLSparseError(f"--top-k {top_k}: expected a positive number of labels")
-    check_run_dir(run_dir)  # before the output check, whose default folder this is
-    target = out if out is not None else run_dir / "predictions.txt"
-    check_output_file(target)
-    config, stored, model, device = load_run_model(run_dir)
-    top_k = min(top_k, stored.n_labels)
-    if (input_path.suffix == ".npy") != (stored.features == "dense"):
-        wanted = "dense feature rows (.npy)" if stored.features == "dense" else "BoW features (XC text or npz)"
-        raise XMLSparseError(f"{input_path}: the model of {run_dir} reads {wanted}")
-    if input_path.suffix == ".npy":
-        features = read_npy_features(input_path)
-        empty = sp.csr_matrix((features.shape[0], stored.n_labels), dtype=np.float32)
-        inputs = XMCData(features, empty, features.shape[1], stored.n_labels)
-    else:
-        inputs = load_split(input_path)
-    if inputs.n_features != stored.n_features:
-        raise XMLSparseError(
-            f"{input_path}: {inputs.n_features} features, but the model of {run_dir} reads {stored.n_features}"
-        )
-    inputs = stored.preprocess(inputs)  # the training split's idf and normalisation, as the run stored them
-    precision = config.train.precision if device.type == "cuda" else "fp32"
-    ids, scores = predict_topk(model, inputs, top_k, config.train.eval_batch_size, device, precision)
-    write_predictions(target, ids, scores, n_labels=stored.n_labels)
-    return WrittenPredictions(target, top_k)

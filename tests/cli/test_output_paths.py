@@ -12,7 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import xmlsparse.evaluate
+import xmlsparse.runs
 import xmlsparse.train.trainer
 from xmlsparse.cli import app, os_error_line
 
@@ -39,7 +39,7 @@ def no_work(monkeypatch):
         raise AssertionError("the work started before the output path was checked")
 
     for name in ("load_run", "load_run_model"):
-        monkeypatch.setattr(xmlsparse.evaluate, name, work)
+        monkeypatch.setattr(xmlsparse.runs, name, work)
     monkeypatch.setattr(xmlsparse.train.trainer, "start_run", work)
 
 
@@ -121,7 +121,7 @@ def test_an_os_error_during_the_work_is_one_line(tiny_run, tmp_path, monkeypatch
     def full_disk(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr("xmlsparse.data.predictions.write_predictions", full_disk)
+    monkeypatch.setattr("xmlsparse.runs.write_predictions", full_disk)
     run, data = tiny_run
     result = invoke("predict", str(run), str(data / "X.tst.npy"), "--out", str(out))
     assert result.exit_code == 1
