@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Union
+from typing import IO, Any, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -48,3 +49,9 @@ def remove_partial_writes(path: PathLike) -> list[Path]:
             partial.unlink()
             removed.append(partial)
     return removed
+
+
+def write_json(path: PathLike, value: Any) -> None:
+    """``value`` as indented JSON at ``path``, through :func:`atomic_write`."""
+    with atomic_write(path, "w") as handle:
+        handle.write(json.dumps(value, indent=2) + "\n")

@@ -346,7 +346,7 @@ def eval_command(
     from xmlsparse.evaluate import evaluate_predictions_file
     from xmlsparse.runs import evaluate_run_dir, saved_predictions_path
     from xmlsparse.metrics import DEFAULT_BUCKETS
-    from xmlsparse.train.trainer import write_json
+    from xmlsparse.atomic import write_json
 
     ks = _parse_ks(k)
     if json_out is not None:

@@ -17,7 +17,7 @@ import sklearn.feature_extraction.text
 import sklearn.preprocessing
 import torch
 
-from xmlsparse.atomic import atomic_write
+from xmlsparse.atomic import atomic_write, write_json
 from xmlsparse.config import Config, config_to_dict
 from xmlsparse.data.batches import split_validation
 from xmlsparse.data.datasets import REGISTRY, dataset_dir, load_dataset
@@ -193,8 +193,7 @@ def save_run_inputs(run_dir: Path, config: Config, data: PreparedData) -> None:
         "idf": None if preprocess.idf is None else IDF_FILE,
         "label_map": None if label_map is None else LABEL_MAP_FILE,
     }
-    with atomic_write(run_dir / RUN_INPUTS_FILE, "w") as handle:
-        handle.write(json.dumps(record, indent=2) + "\n")
+    write_json(run_dir / RUN_INPUTS_FILE, record)
 
 
 def load_run_inputs(run_dir: Path) -> RunInputs:

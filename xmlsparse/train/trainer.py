@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from xmlsparse.atomic import atomic_write, remove_partial_writes
+from xmlsparse.atomic import atomic_write, remove_partial_writes, write_json
 from xmlsparse.config import Config, config_to_dict, load_config, save_config
 from xmlsparse.data.batches import Batch, BatchIterator, Prefetcher
 from xmlsparse.data.storage import format_bytes
@@ -494,11 +494,6 @@ class Trainer:
         }
         write_json(self.run_dir / "final.json", final)
         return final
-
-
-def write_json(path: Path, value: Any) -> None:
-    with atomic_write(path, "w") as handle:
-        handle.write(json.dumps(value, indent=2) + "\n")
 
 
 def start_run(config: Config, run_dir: Path, overwrite: bool = False) -> Trainer:
