@@ -18,6 +18,7 @@ import torch
 
 from xmlsparse.evaluate import evaluate
 from xmlsparse.runs import load_run
+from xmlsparse.train.setup import precision_on
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     config, data, model, device = load_run(args.run_dir)
-    precision = config.train.precision if device.type == "cuda" else "fp32"
+    precision = precision_on(device, config.train.precision)
     seconds, peaks = [], []
     for _ in range(args.repeats):
         if device.type == "cuda":

@@ -28,6 +28,7 @@ from xmlsparse.train.setup import (
     RunInputs,
     load_run_inputs,
     model_for,
+    precision_on,
     prepare_data,
     resolve_device,
     save_run_inputs,
@@ -105,7 +106,7 @@ def evaluate_run_dir(
         check_run_dir(run_dir)  # before the output check, whose folder this is
         check_output_file(saved_predictions_path(run_dir, split))
     config, data, model, device = load_run(run_dir)
-    precision = config.train.precision if device.type == "cuda" else "fp32"
+    precision = precision_on(device, config.train.precision)
     source = data.test if split == "test" else data.train
     points = None if split == "test" else data.val_rows
     batch_size = config.train.eval_batch_size
@@ -161,7 +162,7 @@ def predict_file(run_dir: Path, input_path: Path, top_k: int, out: Path | None =
             f"{input_path}: {inputs.n_features} features, but the model of {run_dir} reads {stored.n_features}"
         )
     inputs = stored.preprocess(inputs)  # the training split's idf and normalisation, as the run stored them
-    precision = config.train.precision if device.type == "cuda" else "fp32"
+    precision = precision_on(device, config.train.precision)
     ids, scores = predict_topk(model, inputs, top_k, config.train.eval_batch_size, device, precision)
     write_predictions(target, ids, scores, n_labels=stored.n_labels)
     return WrittenPredictions(target, top_k)

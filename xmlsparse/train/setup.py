@@ -70,6 +70,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def precision_on(device: torch.device, precision: str) -> str:
+    """The precision a run uses on ``device``: the config's (bf16 or fp32) on CUDA; the CPU path
+    always runs fp32."""
+    return precision if device.type == "cuda" else "fp32"
+
+
 def prepare_data(config: Config, preprocess: Preprocessing | None = None) -> PreparedData:
     """Load the data set, carve the seeded validation split out of train, and count propensities.
     The features go through ``preprocess`` (a run's stored transform), else one fitted on train."""

@@ -46,7 +46,14 @@ from xmlsparse.train.compact_adam import BackwardUpdate, CompactAdam
 from xmlsparse.train.losses import LossFn, loss_fn
 from xmlsparse.train.memory import StepMemory, estimated_step_peak, optimizer_state_bytes, state_bytes
 from xmlsparse.train.schedules import Schedule
-from xmlsparse.train.setup import model_for, prepare_data, resolve_device, save_run_inputs, with_absolute_data_paths
+from xmlsparse.train.setup import (
+    model_for,
+    precision_on,
+    prepare_data,
+    resolve_device,
+    save_run_inputs,
+    with_absolute_data_paths,
+)
 
 # Steps between checks of the running loss for NaN: each check waits for the device.
 FINITE_CHECK_INTERVAL = 100
@@ -138,7 +145,7 @@ class Trainer:
         self.config = config
         self.run_dir = run_dir
         self.device = device
-        self.precision = config.train.precision if device.type == "cuda" else "fp32"
+        self.precision = precision_on(device, config.train.precision)
         torch.manual_seed(config.train.seed)
         np.random.seed(config.train.seed)
         self.data = prepare_data(config)
