@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
-from xmlsparse.ops.adam import AdamStep, adam_step_reference_
+from xmlsparse.ops.adam import adam_step_reference_
+from xmlsparse.ops.adam_step import AdamStep
 from xmlsparse.ops.adam_kernels import adam_step_
 from xmlsparse.train.compact_adam import BackwardUpdate, CompactAdam
 from xmlsparse.train.losses import LOSSES, loss_fn

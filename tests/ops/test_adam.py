@@ -4,7 +4,8 @@ exact float64 Adam step, and the stochastic rounding they share."""
 import pytest
 import torch
 
-from xmlsparse.ops.adam import AdamStep, adam_step_reference_, round_to_bf16_reference
+from xmlsparse.ops.adam import adam_step_reference_, round_to_bf16_reference
+from xmlsparse.ops.adam_step import AdamStep
 from xmlsparse.ops.adam_kernels import adam_step_
 
 

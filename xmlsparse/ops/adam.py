@@ -12,58 +12,24 @@ rounded the same way). The arithmetic, in float32, is torch's Adam/AdamW:
     m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g^2
     w -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
-The Triton kernel lives in ``xmlsparse.ops.adam_kernels``; ``adam_step_reference_`` here is the same update in torch (the CPU path and the kernels' oracle),
+The step's scalars and the checks of its tensors are in ``xmlsparse.ops.adam_step``, the Triton kernel in
+``xmlsparse.ops.adam_kernels``; ``adam_step_reference_`` here is the same update in torch (the CPU path and the kernels' oracle),
 drawing its random bits from a torch generator instead of Philox. ``apply_adam_`` picks one.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-MOMENT_DTYPE = torch.bfloat16
+from xmlsparse.ops.adam_step import AdamStep, check_state
+
 # The gradient a layer that updates its own weight in its backward keeps until the Adam step: bf16,
 # half the bytes (Adam divides it by sqrt(v), so its 8 bits of precision carry into the update).
 UPDATE_GRAD_DTYPE = torch.bfloat16
 # Elements per chunk of the torch update (its float32 temporaries).
 REFERENCE_CHUNK = 1 << 22
-
-
-@dataclass
-class AdamStep:
-    """One step's scalars for one parameter; ``seed`` picks the stochastic rounding bits."""
-
-    lr: float
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
-    decoupled: bool
-    step: int
-    seed: int
-
-    @property
-    def step_size(self) -> float:
-        return self.lr / (1.0 - self.beta1**self.step)
-
-    @property
-    def bias_correction2_sqrt(self) -> float:
-        return math.sqrt(1.0 - self.beta2**self.step)
-
-
-def check_state(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
-    """Raise ValueError unless the four tensors fit one update (shapes, device, dtypes, layout)."""
-    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if t.shape != param.shape or t.device != param.device or not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous, shaped {tuple(param.shape)} on {param.device}, "
-                             f"got {tuple(t.shape)} on {t.device}")
-    if exp_avg.dtype != MOMENT_DTYPE or exp_avg_sq.dtype != MOMENT_DTYPE:
-        raise ValueError(f"the moments must be {MOMENT_DTYPE}, got {exp_avg.dtype} and {exp_avg_sq.dtype}")
-    if not param.is_contiguous() or param.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"the parameter must be a contiguous float32 or bfloat16 tensor, got {param.dtype}")
 
 
 def round_to_bf16_reference(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from xmlsparse.ops.adam import AdamStep, check_state
+from xmlsparse.ops.adam_step import AdamStep, check_state
 
 BLOCK = 1024
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from xmlsparse.ops.adam import MOMENT_DTYPE, AdamStep, apply_adam_
+from xmlsparse.ops.adam import apply_adam_
+from xmlsparse.ops.adam_step import MOMENT_DTYPE, AdamStep
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
