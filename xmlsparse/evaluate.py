@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import overload
 
 import numpy as np
 import torch
@@ -81,36 +80,18 @@ def predict_topk(
     return np.concatenate(ids), np.concatenate(scores)
 
 
-@overload
-def evaluate(
-    model: torch.nn.Module,
-    data: XMCData,
-    ks: list[int],
-    batch_size: int,
-    device: torch.device,
-    precision: str = ...,
-    inv_propensity: np.ndarray | None = ...,
-    points: np.ndarray | None = ...,
-    *,
-    label_freq: None = ...,
-    buckets: int = ...,
-) -> dict[str, float]: ...
-
-
-@overload
-def evaluate(
-    model: torch.nn.Module,
-    data: XMCData,
-    ks: list[int],
-    batch_size: int,
-    device: torch.device,
-    precision: str = ...,
-    inv_propensity: np.ndarray | None = ...,
-    points: np.ndarray | None = ...,
-    *,
-    label_freq: np.ndarray,
-    buckets: int = ...,
-) -> tuple[dict[str, float], list[BucketRow]]: ...
+def _score(
+    model: torch.nn.Module, data: XMCData, ks: list[int], batch_size: int, device: torch.device, precision: str,
+    points: np.ndarray | None, accumulators: list[StreamingMetrics | FrequencyBucketMetrics],
+) -> None:
+    """One pass over ``data`` (or its rows ``points``): each batch's top-k goes to every accumulator."""
+    model.eval()
+    for batch in _batches(data, batch_size, device, points):
+        with autocast_for(device, precision):
+            _, top_ids = topk_of_batch(model, batch, max(ks))
+        top_ids, truth = top_ids.cpu().numpy(), data.Y[batch.points]
+        for accumulator in accumulators:
+            accumulator.update(top_ids, truth)
 
 
 @torch.no_grad()
@@ -123,28 +104,34 @@ def evaluate(
     precision: str = "fp32",
     inv_propensity: np.ndarray | None = None,
     points: np.ndarray | None = None,
-    *,
-    label_freq: np.ndarray | None = None,
-    buckets: int = DEFAULT_BUCKETS,
-) -> dict[str, float] | tuple[dict[str, float], list[BucketRow]]:
+) -> dict[str, float]:
     """P@k, nDCG@k, R@k (and PSP@k, PSnDCG@k with propensities) of ``model`` on ``data``
-    (or on its rows ``points``).
-
-    With ``label_freq`` (training label counts, ``label_frequencies``) the same pass also returns
-    the table of P@k, PSP@k and R@k by ``buckets`` label-frequency buckets, head first
-    (``FrequencyBucketMetrics``), as ``(metrics, table)``.
-    """
-    model.eval()
+    (or on its rows ``points``)."""
     metrics = StreamingMetrics(ks=tuple(ks), inv_propensity=inv_propensity)
-    by_freq = None if label_freq is None else FrequencyBucketMetrics(label_freq, buckets, ks, inv_propensity)
-    for batch in _batches(data, batch_size, device, points):
-        with autocast_for(device, precision):
-            _, top_ids = topk_of_batch(model, batch, max(ks))
-        top_ids, truth = top_ids.cpu().numpy(), data.Y[batch.points]
-        metrics.update(top_ids, truth)
-        if by_freq is not None:
-            by_freq.update(top_ids, truth)
-    return metrics.compute() if by_freq is None else (metrics.compute(), by_freq.compute())
+    _score(model, data, ks, batch_size, device, precision, points, [metrics])
+    return metrics.compute()
+
+
+@torch.no_grad()
+def evaluate_by_frequency(
+    model: torch.nn.Module,
+    data: XMCData,
+    ks: list[int],
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    inv_propensity: np.ndarray | None,
+    label_freq: np.ndarray,
+    buckets: int = DEFAULT_BUCKETS,
+    points: np.ndarray | None = None,
+) -> tuple[dict[str, float], list[BucketRow]]:
+    """``evaluate``'s metrics and, from the same pass, the table of P@k, PSP@k and R@k by
+    ``buckets`` buckets of labels by training frequency ``label_freq`` (``label_frequencies``),
+    head first (``FrequencyBucketMetrics``)."""
+    metrics = StreamingMetrics(ks=tuple(ks), inv_propensity=inv_propensity)
+    by_freq = FrequencyBucketMetrics(label_freq, buckets, ks, inv_propensity)
+    _score(model, data, ks, batch_size, device, precision, points, [metrics, by_freq])
+    return metrics.compute(), by_freq.compute()
 
 
 # Rows of a prediction file scored at a time: bounds the dense top-k work per block.

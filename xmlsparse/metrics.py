@@ -42,6 +42,7 @@ Split by training label frequency (``FrequencyBucketMetrics``), to show where ac
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -77,35 +78,55 @@ def inverse_propensity(label_freq: np.ndarray, n_train: int, a: float, b: float)
     return 1.0 + c * (freq + b) ** (-a)
 
 
-class StreamingMetrics:
-    """Accumulates P@k, nDCG@k, PSP@k, PSnDCG@k and R@k over batches of top-k predictions."""
+class _Batch(NamedTuple):
+    pred: np.ndarray  # [B, kmax] label ids, -1 for no prediction
+    n_rows: int
+    n_labels: int
+    true_rows: np.ndarray  # the relevant (row, label) pairs
+    true_labels: np.ndarray
+    hit: np.ndarray  # [B, kmax] bool: the predicted label is relevant
 
-    def __init__(self, ks: Sequence[int] = (1, 3, 5), inv_propensity: np.ndarray | None = None):
+
+class _TopkAccumulator:
+    """What both accumulators share: the cut-offs ``ks``, the propensities, the number of points
+    seen, and the reading of a batch into its relevant (row, label) pairs and the hits of its top-k."""
+
+    def __init__(self, ks: Sequence[int], inv_propensity: np.ndarray | None) -> None:
         self.ks = _checked_ks(ks)
         self.kmax = max(self.ks)
         self.inv_propensity = None if inv_propensity is None else np.asarray(inv_propensity, dtype=np.float64)
-        # 1 / log2(rank + 1) for ranks 1..kmax, and its running sums with a leading 0 so that
-        # ideal_dcg[n] is the ideal DCG of a point with n relevant labels in the top n.
-        self._discount = 1.0 / np.log2(np.arange(self.kmax) + 2.0)
-        self._ideal_dcg = np.concatenate([[0.0], np.cumsum(self._discount)])
-        self._sums: dict[str, float] = {}
         self._n_points = 0
 
     @property
     def n_points(self) -> int:
         return self._n_points
 
-    def update(self, topk: ArrayLike, truth: sp.csr_matrix) -> None:
-        """Add a batch: topk [B, kmax] label ids best first (-1 = no prediction), truth CSR [B, L]."""
+    def _read_batch(self, topk: ArrayLike, truth: sp.csr_matrix) -> _Batch:
         pred, truth = _checked_batch(topk, truth, self.kmax)
         n_rows, n_labels = truth.shape
-        q = self.inv_propensity
-        _check_covers(q, "inverse propensities", n_labels)
-
+        _check_covers(self.inv_propensity, "inverse propensities", n_labels)
         true_keys = _relevant_keys(truth)
         true_rows, true_labels = np.divmod(true_keys, max(n_labels, 1))
+        return _Batch(pred, n_rows, n_labels, true_rows, true_labels, _is_relevant(pred, true_keys, n_labels))
+
+
+class StreamingMetrics(_TopkAccumulator):
+    """Accumulates P@k, nDCG@k, PSP@k, PSnDCG@k and R@k over batches of top-k predictions."""
+
+    def __init__(self, ks: Sequence[int] = (1, 3, 5), inv_propensity: np.ndarray | None = None):
+        super().__init__(ks, inv_propensity)
+        # 1 / log2(rank + 1) for ranks 1..kmax, and its running sums with a leading 0 so that
+        # ideal_dcg[n] is the ideal DCG of a point with n relevant labels in the top n.
+        self._discount = 1.0 / np.log2(np.arange(self.kmax) + 2.0)
+        self._ideal_dcg = np.concatenate([[0.0], np.cumsum(self._discount)])
+        self._sums: dict[str, float] = {}
+
+    def update(self, topk: ArrayLike, truth: sp.csr_matrix) -> None:
+        """Add a batch: topk [B, kmax] label ids best first (-1 = no prediction), truth CSR [B, L]."""
+        pred, n_rows, _, true_rows, true_labels, hit = self._read_batch(topk, truth)
+        q = self.inv_propensity
         n_true = np.bincount(true_rows, minlength=n_rows)
-        hit = _is_relevant(pred, true_keys, n_labels).astype(np.float64)
+        hit = hit.astype(np.float64)
 
         has_labels = n_true > 0
         disc = self._discount
@@ -186,7 +207,7 @@ def bucket_names(n_buckets: int) -> list[str]:
     return ["head", *middle, "tail"]
 
 
-class FrequencyBucketMetrics:
+class FrequencyBucketMetrics(_TopkAccumulator):
     """Accumulates P@k, PSP@k (with propensities) and R@k split into buckets of labels by training
     frequency (definitions in the module docstring), batch by batch from top-k ids and CSR truth."""
 
@@ -197,36 +218,23 @@ class FrequencyBucketMetrics:
         ks: Sequence[int] = (1, 3, 5),
         inv_propensity: np.ndarray | None = None,
     ):
-        self.ks = _checked_ks(ks)
-        self.kmax = max(self.ks)
+        super().__init__(ks, inv_propensity)
         self.n_buckets = int(n_buckets)
         self.bucket = frequency_buckets(label_freq, self.n_buckets)
         self.label_freq = np.asarray(label_freq, dtype=np.int64)
-        self.inv_propensity = None if inv_propensity is None else np.asarray(inv_propensity, dtype=np.float64)
         n_ks = len(self.ks)
         self._hits = np.zeros((n_ks, self.n_buckets))  # per k and bucket: sum over points of hits / k
         self._psp = np.zeros((n_ks, self.n_buckets))  # the same with each hit weighted by its q
         self._best_psp = np.zeros(n_ks)  # PSP@k's denominator over all labels
         self._recall = np.zeros((n_ks, self.n_buckets))  # sum of R@k over the points counted below
         self._points_with_labels = np.zeros(self.n_buckets, dtype=np.int64)
-        self._n_points = 0
-
-    @property
-    def n_points(self) -> int:
-        return self._n_points
 
     def update(self, topk: ArrayLike, truth: sp.csr_matrix) -> None:
         """Add a batch: topk [B, kmax] label ids best first (-1 = no prediction), truth CSR [B, L]."""
-        pred, truth = _checked_batch(topk, truth, self.kmax)
-        n_rows, n_labels = truth.shape
+        pred, n_rows, n_labels, true_rows, true_labels, hit = self._read_batch(topk, truth)
         _check_covers(self.bucket, "label frequencies", n_labels)
         q = self.inv_propensity
-        _check_covers(q, "inverse propensities", n_labels)
         n_buckets = self.n_buckets
-
-        true_keys = _relevant_keys(truth)
-        true_rows, true_labels = np.divmod(true_keys, max(n_labels, 1))
-        hit = _is_relevant(pred, true_keys, n_labels)
         # Per point and bucket (a batch-sized table: the number of buckets is small): true labels,
         # and below the hits, counted through cells row * n_buckets + bucket.
         cells = n_rows * n_buckets

@@ -17,7 +17,7 @@ from xmlsparse.data.formats import load_split, read_npy_features
 from xmlsparse.data.predictions import write_predictions
 from xmlsparse.data.types import XMCData
 from xmlsparse.errors import XMLSparseError
-from xmlsparse.evaluate import check_buckets, evaluate, predict_topk
+from xmlsparse.evaluate import check_buckets, evaluate, evaluate_by_frequency, predict_topk
 from xmlsparse.metrics import DEFAULT_BUCKETS, BucketRow, label_frequencies
 from xmlsparse.nn.model import XMCModel
 from xmlsparse.outputs import check_output_file
@@ -112,9 +112,9 @@ def evaluate_run_dir(
     batch_size = config.train.eval_batch_size
     table = None
     if buckets > 0:
-        metrics, table = evaluate(
-            model, source, ks, batch_size, device, precision, data.inv_propensity, points,
-            label_freq=label_frequencies(data.train.Y), buckets=buckets,
+        metrics, table = evaluate_by_frequency(
+            model, source, ks, batch_size, device, precision, data.inv_propensity,
+            label_frequencies(data.train.Y), buckets, points,
         )
     else:
         metrics = evaluate(model, source, ks, batch_size, device, precision, data.inv_propensity, points)

@@ -36,7 +36,7 @@ from xmlsparse.config import Config, config_to_dict, load_config, save_config
 from xmlsparse.data.batches import Batch, BatchIterator, Prefetcher
 from xmlsparse.data.storage import format_bytes
 from xmlsparse.errors import XMLSparseError
-from xmlsparse.evaluate import autocast_for, evaluate
+from xmlsparse.evaluate import autocast_for, evaluate, evaluate_by_frequency
 from xmlsparse.metrics import label_frequencies
 from xmlsparse.nn.model import XMCModel
 from xmlsparse.nn.rewire import Rewirer
@@ -481,9 +481,9 @@ class Trainer:
             if best_saved is not None:
                 self.model.load_state_dict(best_saved["model"])  # via host memory, as in restore
             # Buckets by the label counts of the whole training file, as the propensities are.
-            test_entry["test"], test_entry["test_by_frequency"] = evaluate(
+            test_entry["test"], test_entry["test_by_frequency"] = evaluate_by_frequency(
                 self.model, self.data.test, config.eval.k, config.train.eval_batch_size, self.device,
-                self.precision, self.data.inv_propensity, label_freq=label_frequencies(self.data.train.Y),
+                self.precision, self.data.inv_propensity, label_frequencies(self.data.train.Y),
             )
         final = {
             "dataset": self.data.name,
