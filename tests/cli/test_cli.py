@@ -19,23 +19,8 @@ def invoke(*args: str):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("cli")
-    data = folder / "data"
-    result = invoke("synth", "--n-train", "600", "--n-test", "150", "--n-labels", "80", "--labels-per-point", "3",
-                    "--dim", "24", "--out", str(data))
-    assert result.exit_code == 0, result.output
-    config = folder / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"dataset": str(data), "features": "dense"},
-        "model": {"intermediate": {"size": 48}, "head": {"fan_in": 6}, "rewire": {"interval": 5}},
-        "train": {"epochs": 2, "batch_size": 32, "device": "cpu"},
-    }))
-    run = folder / "run"
-    result = invoke("train", str(config), "--out", str(run), "--set", "train.optimizer.lr=3e-3")
-    assert result.exit_code == 0, result.output
-    assert "P " in result.output and "@5" in result.output
-    return run, data
+def trained_run(train_tiny_run) -> tuple[Path, Path]:
+    return train_tiny_run("train.optimizer.lr=3e-3")
 
 
 def test_help_lists_every_command():
