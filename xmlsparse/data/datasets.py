@@ -278,6 +278,12 @@ class _LoadedSplit(NamedTuple):
     labels_file: Path
 
 
+def find_dataset_dir(spec: str | Path, root: Path) -> Path | None:
+    """The folder a data set named by a path is read from: ``spec`` as given, else under ``root``;
+    None when neither is a folder."""
+    return next((folder for folder in (Path(spec), Path(root) / spec) if folder.is_dir()), None)
+
+
 def load_dataset(
     spec: str | Path | Mapping, root: Path = Path("data"), features: str = "bow"
 ) -> tuple[XMCData, XMCData, DatasetInfo | None]:
@@ -301,7 +307,7 @@ def load_dataset(
         info = REGISTRY[text]
         train, test = _load_registry(info, root, features)
     else:
-        directory = next((d for d in (Path(text), root / text) if d.is_dir()), None)
+        directory = find_dataset_dir(text, root)
         if directory is None:
             raise XMLSparseError(
                 f"data set {text!r} is neither a registry name ({', '.join(REGISTRY)}) nor a directory "

@@ -20,7 +20,7 @@ import torch
 from xmlsparse.atomic import atomic_write, write_json
 from xmlsparse.config import Config, config_to_dict
 from xmlsparse.data.batches import split_validation
-from xmlsparse.data.datasets import REGISTRY, dataset_dir, load_dataset
+from xmlsparse.data.datasets import REGISTRY, dataset_dir, find_dataset_dir, load_dataset
 from xmlsparse.data.types import XMCData
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.metrics import DEFAULT_PROPENSITY, inverse_propensity, label_frequencies
@@ -135,9 +135,9 @@ def with_absolute_data_paths(config: Config) -> Config:
     if isinstance(spec, dict):
         spec = {key: _absolute_paths(value) for key, value in spec.items()}
     elif spec not in REGISTRY:
-        found = [folder for folder in (Path(spec), Path(root) / spec) if folder.is_dir()]
-        if found:
-            spec = os.path.abspath(found[0])
+        found = find_dataset_dir(spec, Path(root))
+        if found is not None:
+            spec = os.path.abspath(found)
     return replace(config, data=replace(data, dataset=spec, root=root))
 
 
@@ -162,7 +162,7 @@ def dataset_label_map(config: Config) -> Path | None:
         # Dense features may come from the raw variant's folder (see load_dataset).
         folders = [dataset_dir(spec, root), dataset_dir(spec, root, "raw")]
     else:
-        folders = [folder for folder in (Path(spec), root / spec) if folder.is_dir()][:1]
+        folders = [found] if (found := find_dataset_dir(spec, root)) is not None else []
     return next((folder / LABEL_MAP_FILE for folder in folders if (folder / LABEL_MAP_FILE).is_file()), None)
 
 
