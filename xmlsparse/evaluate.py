@@ -16,11 +16,14 @@ from xmlsparse.data.types import XMCData
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.metrics import (
     DEFAULT_BUCKETS,
+    DEFAULT_PROPENSITY,
     BucketRow,
     FrequencyBucketMetrics,
     StreamingMetrics,
+    inverse_propensity,
     label_frequencies,
     merge_topk,
+    topk_from_sparse_scores,
     topk_values_and_indices,
 )
 
@@ -154,7 +157,6 @@ def evaluate_predictions_file(
     table by label-frequency bucket (frequencies counted over every point of ``train``), else None.
     """
     from xmlsparse.data.predictions import read_predictions
-    from xmlsparse.metrics import DEFAULT_PROPENSITY, inverse_propensity, topk_from_sparse_scores
 
     check_buckets(buckets)
     truth_labels = _labels_of(truth)

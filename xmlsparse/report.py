@@ -26,6 +26,8 @@ from matplotlib.ticker import FuncFormatter, LogFormatterSciNotation
 from xmlsparse.atomic import atomic_write
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.outputs import check_output_dir
+from xmlsparse.runs import check_run_dir
+from xmlsparse.train.trainer import read_metrics
 
 PNG_NAME = "report.png"
 HTML_NAME = "report.html"
@@ -51,18 +53,8 @@ class RunFiles:
 def read_run(run_dir: Path) -> RunFiles:
     """The config, ``metrics.jsonl`` records and ``final.json`` of ``run_dir``; a last line that a
     kill cut short is skipped, as a resume skips it."""
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise XMLSparseError(f"{run_dir}: not a run directory ({config_path.name} is missing)")
-    config = yaml.safe_load(config_path.read_text()) or {}
-    records = []
-    metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    config = yaml.safe_load(check_run_dir(run_dir).read_text()) or {}
+    records = read_metrics(run_dir / "metrics.jsonl")
     final_path = run_dir / "final.json"
     try:
         final = json.loads(final_path.read_text()) if final_path.is_file() else None

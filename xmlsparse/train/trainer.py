@@ -572,20 +572,31 @@ def resume_run(run_dir: Path, device: str | None = None, epochs: int | None = No
     return trainer
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The epoch records of a ``metrics.jsonl`` (none when it does not exist), leaving out a line
+    that a kill cut short."""
+    return _parse_metrics(path.read_text().splitlines()) if path.exists() else []
+
+
+def _parse_metrics(lines: list[str]) -> list[dict[str, Any]]:
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def _keep_metrics_through(path: Path, epoch: int) -> None:
     """Drop the ``metrics.jsonl`` lines after ``epoch`` (the resume trains those epochs again and
     logs them anew) and a line that a kill cut short."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record["epoch"] <= epoch:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    if kept != lines:
+    text = path.read_text()
+    lines = text.splitlines()
+    kept = [record for record in _parse_metrics(lines) if record["epoch"] <= epoch]
+    if len(kept) != len(lines) or not text.endswith("\n"):
         with atomic_write(path, "w") as handle:
-            handle.writelines(kept)
+            # as _end_epoch writes them
+            handle.writelines(json.dumps(record) + "\n" for record in kept)
