@@ -26,6 +26,14 @@ from xmlsparse.errors import XMLSparseError
 _FLOAT_PATTERN = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
+def yaml_float(value: Any) -> Any:
+    """``value``, or the float a string spells: YAML 1.1 reads ``1e-3`` (no dot) as a string,
+    which is a float to anyone writing a config."""
+    if isinstance(value, str) and _FLOAT_PATTERN.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 @dataclass(frozen=True)
 class Range:
     """An interval of allowed values; a bound of None is open-ended. NaN and infinities are never
@@ -259,9 +267,8 @@ def _convert(value: Any, tp: Any, key: str, source: str, missing: list[str]) -> 
         raise XMLSparseError(f"{source}: {key} = {value!r}: expected a mapping of {tp.__name__} keys")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is float and isinstance(value, str) and _FLOAT_PATTERN.fullmatch(value.strip()):
-        # YAML 1.1 reads `1e-3` (no dot) as a string; it is a float to anyone writing a config.
-        return float(value)
+    if tp is float:
+        value = yaml_float(value)
     if tp in (int, float, str, bool, list, dict):
         if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
             return value

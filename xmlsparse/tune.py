@@ -29,6 +29,7 @@ from xmlsparse.config import (
     config_from_dict,
     read_config_values,
     save_config,
+    yaml_float,
 )
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.train.trainer import TrainingDiverged, start_run
@@ -93,12 +94,8 @@ def default_space(config: Config) -> dict[str, Param]:
 
 
 def _number(value: Any, integer: bool, where: str, name: str) -> float | int:
-    # PyYAML reads `1e-4` (no dot) as a string; a range bound written so is still meant as a number.
-    if isinstance(value, str) and not integer:
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    if not integer:
+        value = yaml_float(value)  # a range bound written 1e-4 is a number, though YAML reads a string
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not math.isfinite(value):
         raise XMLSparseError(f"{where}: {name} = {value!r}: expected {'an integer' if integer else 'a finite number'}")
     return value if integer else float(value)
