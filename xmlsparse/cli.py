@@ -343,12 +343,13 @@ def eval_command(
     """Evaluate a run directory, or score a prediction file against a data set.
 
     A second table splits P@k and PSP@k by the labels' training frequency (head, torso, tail)."""
-    from xmlsparse.evaluate import evaluate_predictions_file
-    from xmlsparse.runs import evaluate_run_dir, saved_predictions_path
-    from xmlsparse.metrics import DEFAULT_BUCKETS
     from xmlsparse.atomic import write_json
+    from xmlsparse.evaluate import evaluate_predictions_file
+    from xmlsparse.metrics import DEFAULT_BUCKETS
+    from xmlsparse.runs import evaluate_run_dir, saved_predictions_path
 
     ks = _parse_ks(k)
+    n_buckets = DEFAULT_BUCKETS if buckets is None else buckets
     if json_out is not None:
         check_output_file(json_out)
     if predictions is not None:
@@ -358,15 +359,11 @@ def eval_command(
             raise XMLSparseError("--predictions needs --truth TEST (the data set the predictions are for)")
         if buckets is not None and buckets > 0 and train_data is None:
             raise XMLSparseError(f"--buckets {buckets} needs --train TRAIN (the training label frequencies)")
-        metrics, table = evaluate_predictions_file(
-            predictions, truth, ks, train_data, a, b, DEFAULT_BUCKETS if buckets is None else buckets,
-        )
+        metrics, table = evaluate_predictions_file(predictions, truth, ks, train_data, a, b, n_buckets)
     elif run_dir is not None:
         if split not in ("test", "val"):
             raise XMLSparseError(f"--split {split!r}: expected test or val")
-        metrics, table = evaluate_run_dir(
-            run_dir, split, ks, save_predictions, DEFAULT_BUCKETS if buckets is None else buckets,
-        )
+        metrics, table = evaluate_run_dir(run_dir, split, ks, save_predictions, n_buckets)
     else:
         raise XMLSparseError("give a RUN_DIR, or --predictions PRED --truth TEST")
     _print_metrics(metrics)
