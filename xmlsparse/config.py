@@ -83,6 +83,9 @@ class DataConfig:
     # Fraction of train held out for early stopping and schedules: without any, no epoch has a
     # validation score to select the best checkpoint by.
     validation: float = ranged(0.05, OPEN_UNIT)
+    # Seeds which points are held out, apart from train.seed: runs that differ only in train.seed
+    # (the members of an ensemble) hold out the same points, so their validation scores compare.
+    validation_seed: int = ranged(0, SEED)
     # BoW rows scaled to unit L2 norm on load (raw counts make the first layer's scale depend on
     # document length); dense rows are used as given.
     normalize: bool = True
@@ -188,7 +191,7 @@ class TrainConfig:
     epochs: int = ranged(100, AT_LEAST_ONE)
     batch_size: int = ranged(32, AT_LEAST_ONE)
     eval_batch_size: int = ranged(512, AT_LEAST_ONE)
-    loss: str = "squared-hinge"  # squared-hinge | bce
+    loss: str = "squared-hinge"  # squared-hinge | bce | softmax
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -221,7 +224,7 @@ CHOICES: dict[str, tuple[str | bool, ...]] = {
     "model.head.type": ("fixed-fanin", "dense", "bottleneck"),
     "model.head.impl": ("auto", "triton", "reference"),
     "model.rewire.new_weights": ("zero", "random"),
-    "train.loss": ("squared-hinge", "bce"),
+    "train.loss": ("squared-hinge", "bce", "softmax"),
     "train.optimizer.type": ("adam", "adamw"),
     "train.optimizer.moments": ("float32", "bfloat16"),
     "train.schedule.type": ("plateau", "cosine", "constant"),

@@ -3,7 +3,7 @@ import torch
 
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.train import losses
-from xmlsparse.train.losses import bce_loss, label_positions, loss_fn, squared_hinge_loss
+from xmlsparse.train.losses import bce_loss, label_positions, loss_fn, softmax_loss, squared_hinge_loss
 
 
 def dense_targets(y_indices, y_ptr, n_labels):
@@ -23,7 +23,14 @@ def dense_bce(logits, targets):
     return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
 
 
-CASES = {"squared-hinge": dense_squared_hinge, "bce": dense_bce}
+def dense_softmax(logits, targets):
+    """Cross-entropy against each row's labels spread evenly; rows without labels add 0."""
+    counts = targets.sum(1, keepdim=True)
+    spread = torch.where(counts > 0, targets / counts.clamp(min=1), torch.zeros_like(targets))
+    return -(spread * torch.log_softmax(logits, dim=1)).sum() / logits.shape[0]
+
+
+CASES = {"squared-hinge": dense_squared_hinge, "bce": dense_bce, "softmax": dense_softmax}
 
 
 def random_labels(batch, n_labels, generator, max_labels=4):
@@ -85,7 +92,7 @@ def test_gradcheck_through_a_layer():
     y_indices, y_ptr = random_labels(3, 5, generator)
     h = torch.randn(3, 4, dtype=torch.float64, generator=generator, requires_grad=True)
     weight = torch.randn(5, 4, dtype=torch.float64, generator=generator, requires_grad=True)
-    for fn in (squared_hinge_loss, bce_loss):
+    for fn in (squared_hinge_loss, bce_loss, softmax_loss):
         assert torch.autograd.gradcheck(lambda h, w: fn(h @ w.t(), y_indices, y_ptr), (h, weight))
 
 
@@ -95,8 +102,26 @@ def test_label_positions():
 
 
 def test_unknown_loss_names_the_options():
-    with pytest.raises(XMLSparseError, match=r"'hinge'.*squared-hinge, bce"):
+    with pytest.raises(XMLSparseError, match=r"'hinge'.*squared-hinge, bce, softmax"):
         loss_fn("hinge")
+
+
+def test_softmax_of_a_single_label_is_the_cross_entropy():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, 1.0]], dtype=torch.float64)
+    loss = softmax_loss(logits, torch.tensor([0, 1]), torch.tensor([0, 1, 2]))
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])))
+
+
+def test_softmax_bf16_and_huge_logits_stay_finite():
+    generator = torch.Generator().manual_seed(4)
+    y_indices, y_ptr = random_labels(4, 12, generator)
+    logits = (torch.randn(4, 12, generator=generator) * 200).bfloat16().requires_grad_()
+    loss = softmax_loss(logits, y_indices, y_ptr)
+    loss.backward()
+    expected = dense_softmax(logits.detach().double(), dense_targets(y_indices, y_ptr, 12))
+    assert loss.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+    assert torch.isfinite(logits.grad.float()).all()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_mismatched_label_rows_are_rejected():

@@ -55,3 +55,22 @@ def test_tfidf_auto_weights_whole_number_features_only(tfidf, values, reweighted
 def test_tfidf_rejects_other_values():
     with pytest.raises(XMLSparseError, match="data.tfidf = 'yes': expected one of auto, true, false"):
         config_from_dict({"data": {"tfidf": "yes"}})
+
+
+def test_the_validation_split_follows_data_validation_seed_not_train_seed(tmp_path):
+    from xmlsparse.data.synthetic import generate
+    from xmlsparse.train.setup import prepare_data
+
+    data = generate(tmp_path, n_train=200, n_test=20, n_labels=10, labels_per_point=2.0, dim=8, seed=0)
+
+    def val_rows(**seeds):
+        config = config_from_dict({
+            "data": {"dataset": str(data), "features": "dense", "validation": 0.2,
+                     "validation_seed": seeds.get("validation_seed", 0)},
+            "model": {"intermediate": None},
+            "train": {"seed": seeds.get("seed", 0)},
+        })
+        return prepare_data(config).val_rows
+
+    np.testing.assert_array_equal(val_rows(seed=0), val_rows(seed=7))
+    assert not np.array_equal(val_rows(validation_seed=0), val_rows(validation_seed=1))

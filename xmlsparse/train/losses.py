@@ -1,9 +1,13 @@
-"""Per-label binary losses against sparse label lists, never a dense ``B x L`` target matrix.
+"""Losses against sparse label lists, never a dense ``B x L`` target matrix.
 
 Every (point, label) pair is a binary problem with target 1 at the point's labels and 0 elsewhere,
 so the loss is ``f(z, 0)`` summed over all logits plus ``f(z, 1) - f(z, 0)`` at the few positive
 positions, gathered by (row, label id). The reduction is the mean over all ``B * L`` pairs, as in
 the paper (the sum over labels would only rescale the learning rate by ``L``).
+
+``softmax`` is the one loss that is not per label: each point's labels share one softmax over all
+labels (cross-entropy against the target spread evenly over the point's labels, the "pick all
+labels, normalised" reduction). It is averaged over the points.
 
 The losses are autograd functions that keep only the logits for the backward pass and work on
 chunks of rows, so the temporaries stay small however many labels there are. Logits of any float
@@ -103,6 +107,37 @@ class _SparseTargetLoss(torch.autograd.Function):
         return grad, None, None, None
 
 
+class _SoftmaxLoss(torch.autograd.Function):
+    """Mean over the rows of ``sum_j y_j / |y| * (logsumexp(z) - z_j)``; a row without labels adds
+    nothing. Keeps only the logits for backward, and works a chunk of rows at a time."""
+
+    @staticmethod
+    def forward(ctx, logits, rows, labels, per_label):  # noqa: D102 (autograd protocol)
+        ctx.save_for_backward(logits, rows, labels, per_label)
+        acc = _accumulation_dtype(logits)
+        lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
+        for part in _row_chunks(logits):
+            lse[part] = torch.logsumexp(logits[part].to(acc), dim=1)
+        ctx.lse = lse
+        total = ((lse[rows] - logits[rows, labels].to(acc)) * per_label[rows]).sum()
+        return total / logits.shape[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):  # noqa: D102 (autograd protocol)
+        logits, rows, labels, per_label = ctx.saved_tensors
+        acc = _accumulation_dtype(logits)
+        scale = grad_loss.to(acc) / logits.shape[0]
+        # d/dz_k = (softmax(z)_k * sum_j y_j / |y|) - y_k / |y|; the sum is 1, or 0 without labels.
+        has_labels = (per_label > 0).to(acc)
+        grad = torch.empty_like(logits)
+        for part in _row_chunks(logits):
+            probs = torch.exp(logits[part].to(acc) - ctx.lse[part, None])
+            grad[part] = probs * (has_labels[part, None] * scale)
+        grad[rows, labels] = (grad[rows, labels].to(acc) - per_label[rows] * scale).to(grad.dtype)
+        return grad, None, None, None
+
+
 def _accumulation_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
@@ -135,7 +170,23 @@ def bce_loss(logits: torch.Tensor, y_indices: torch.Tensor, y_ptr: torch.Tensor)
     return sparse_target_loss(logits, y_indices, y_ptr, BCE)
 
 
-LOSSES: dict[str, LossFn] = {"squared-hinge": squared_hinge_loss, "bce": bce_loss}
+def softmax_loss(logits: torch.Tensor, y_indices: torch.Tensor, y_ptr: torch.Tensor) -> torch.Tensor:
+    """Mean over the ``B`` rows of the cross-entropy between ``softmax(z)`` and the row's labels
+    weighted ``1 / |y|`` each; rows without labels count as zero."""
+    _check_shapes(logits, y_ptr)
+    rows, labels = label_positions(y_indices, y_ptr)
+    counts = (y_ptr[1:] - y_ptr[:-1]).to(_accumulation_dtype(logits))
+    per_label = torch.where(counts > 0, 1 / counts.clamp(min=1), torch.zeros_like(counts))
+    return _SoftmaxLoss.apply(logits, rows, labels, per_label)
+
+
+LOSSES: dict[str, LossFn] = {"squared-hinge": squared_hinge_loss, "bce": bce_loss, "softmax": softmax_loss}
+
+
+
+# The per-label losses, which the kernels of ``xmlsparse.ops.sparse_target_loss`` also compute;
+# softmax needs each row's logsumexp first and stays on the torch path.
+TRITON_LOSSES = ("squared-hinge", "bce")
 
 
 def _uses_triton(logits: torch.Tensor, impl: str) -> bool:
@@ -158,6 +209,8 @@ def loss_fn(name: str, impl: str = "auto", consume_logits: bool = False) -> Loss
         raise XMLSparseError(f"train.loss: unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
     resolve_impl(impl, torch.device("cpu"))  # rejects an unknown impl now, not at the first step
     torch_loss = LOSSES[name]
+    if name not in TRITON_LOSSES:
+        return torch_loss
 
     def loss(logits: torch.Tensor, y_indices: torch.Tensor, y_ptr: torch.Tensor) -> torch.Tensor:
         if not _uses_triton(logits, impl):

@@ -85,7 +85,7 @@ def prepare_data(config: Config, preprocess: Preprocessing | None = None) -> Pre
     train, test = preprocess(train), preprocess(test)
     a, b = (info.propensity_a, info.propensity_b) if info is not None else DEFAULT_PROPENSITY
     inv_prop = inverse_propensity(label_frequencies(train.Y), train.n_points, a, b)
-    train_rows, val_rows = split_validation(train.n_points, config.data.validation, config.train.seed)
+    train_rows, val_rows = split_validation(train.n_points, config.data.validation, config.data.validation_seed)
     name = info.name if info is not None else str(config.data.dataset)
     return PreparedData(train, train_rows, val_rows, test, inv_prop, name, preprocess)
 
