@@ -1,6 +1,6 @@
-"""Imports run one way: cli -> runs (run directories, tuning, reports) -> train -> evaluate -> nn ->
-ops, with config, metrics, data/ and the small utilities at the bottom. Every import counts, at module
-level or inside a function, and no modules import each other in a cycle."""
+"""Imports run one way: cli -> runs (run directories, ensembles, tuning, reports) -> train ->
+evaluate -> nn -> ops, with config, metrics, data/ and the small utilities at the bottom. Every
+import counts, at module level or inside a function, and no modules import each other in a cycle."""
 
 import ast
 from pathlib import Path
@@ -15,7 +15,7 @@ LAYERS = [
     ["xmlsparse.nn"],
     ["xmlsparse.evaluate"],
     ["xmlsparse.train"],
-    ["xmlsparse.runs", "xmlsparse.tune", "xmlsparse.report"],
+    ["xmlsparse.runs", "xmlsparse.ensembles", "xmlsparse.tune", "xmlsparse.report"],
     ["xmlsparse.cli", "xmlsparse.__main__"],
 ]
 

@@ -394,6 +394,33 @@ def predict(
     typer.echo(f"predictions written to {written.path}")
 
 
+@app.command()
+@one_line_errors
+def ensemble(
+    members: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Two or more run directories of the same data."),
+    out: Path = typer.Option(..., help="The ensemble directory to write (eval and predict read it as a run)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out holds."),
+    buckets: int = typer.Option(3, help="Label-frequency buckets of the test table (0: none)."),
+) -> None:
+    """Score finished runs as one model, the mean of their logits: seeds or losses of one recipe.
+
+    The runs must share the data section of their configs (so also the validation points) and
+    their stored preprocessing. Writes --out with the validation and test metrics in final.json."""
+    from xmlsparse.ensembles import create_ensemble
+    from xmlsparse.evaluate import check_buckets
+
+    check_buckets(buckets)
+    final = create_ensemble(members, out, overwrite, buckets)
+    for index, member_test in enumerate(final["members_test"]):
+        if member_test is not None and "P@1" in member_test:
+            typer.echo(f"member {index}: test P@1 {100 * member_test['P@1']:.2f}  ({final['members'][index]})")
+    typer.echo(f"ensemble of {len(final['members'])}, test metrics ({out / 'final.json'}):")
+    _print_metrics(final["test"])
+    if "test_by_frequency" in final:
+        typer.echo("")
+        _print_frequency_table(final["test_by_frequency"])
+
+
 @app.command("tune")
 @one_line_errors
 def tune_command(

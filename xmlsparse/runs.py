@@ -5,8 +5,9 @@ metrics on a split (``xmlsparse eval RUN_DIR``) and its predictions for new inpu
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -19,6 +20,7 @@ from xmlsparse.data.types import XMCData
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.evaluate import check_buckets, evaluate, evaluate_by_frequency, predict_topk
 from xmlsparse.metrics import DEFAULT_BUCKETS, BucketRow, label_frequencies
+from xmlsparse.nn.ensemble import LogitEnsemble
 from xmlsparse.nn.model import XMCModel
 from xmlsparse.outputs import check_output_file
 from xmlsparse.train.checkpoint import BEST, LAST, load_checkpoint
@@ -51,35 +53,76 @@ def _run_checkpoint(run_dir: Path) -> Path:
     return checkpoint
 
 
-def _load_model(config: Config, n_features: int, n_labels: int, checkpoint: Path, device: torch.device) -> XMCModel:
-    """The model of ``config`` with the weights of ``checkpoint``."""
-    model = model_for(config, n_features, n_labels, device)
-    # Mapped to host memory and copied into the model: of a last.pt only the model is read, not the
-    # optimizer moments beside it.
-    model.load_state_dict(load_checkpoint(checkpoint, mmap=True)["model"])
-    return model
+# The member run directories of an ensemble directory (``xmlsparse ensemble``), which has no
+# checkpoints of its own.
+ENSEMBLE_FILE = "ensemble.json"
+
+RunModel = Union[XMCModel, LogitEnsemble]
+
+
+def ensemble_members(run_dir: Path) -> list[Path] | None:
+    """The member run directories of an ensemble directory; None for a run of one model."""
+    path = run_dir / ENSEMBLE_FILE
+    if not path.is_file():
+        return None
+    try:
+        members = json.loads(path.read_text())["members"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise XMLSparseError(f"{path}: unreadable ({error}); expected {{\"members\": [run directories]}}") from None
+    return [Path(member) for member in members]
+
+
+def model_checkpoints(run_dir: Path) -> list[tuple[Config, Path]]:
+    """The config and best (else last) checkpoint of each model a run directory scores with: the run's
+    own, or those of an ensemble's members."""
+    members = ensemble_members(run_dir)
+    if members is None:
+        return [(load_config(check_run_dir(run_dir)), _run_checkpoint(run_dir))]
+    found = []
+    for member in members:
+        try:
+            found.append((load_config(check_run_dir(member)), _run_checkpoint(member)))
+        except XMLSparseError as error:
+            raise XMLSparseError(f"{run_dir}: member {error}") from None
+    return found
+
+
+def _load_models(
+    checkpoints: list[tuple[Config, Path]], n_features: int, n_labels: int, device: torch.device
+) -> RunModel:
+    """The model of each config with the weights of its checkpoint; several make a ``LogitEnsemble``."""
+    models = []
+    for config, checkpoint in checkpoints:
+        model = model_for(config, n_features, n_labels, device)
+        # Mapped to host memory and copied into the model: of a last.pt only the model is read, not
+        # the optimizer moments beside it.
+        model.load_state_dict(load_checkpoint(checkpoint, mmap=True)["model"])
+        models.append(model)
+    return models[0] if len(models) == 1 else LogitEnsemble(models).eval()
 
 
 def load_run_model(
     run_dir: Path, device: torch.device | None = None,
-) -> tuple[Config, RunInputs, XMCModel, torch.device]:
-    """The config, stored inputs (``RunInputs``) and best (else last) model of a run directory, read
-    from the run directory alone: what prediction needs, wherever the directory has moved."""
+) -> tuple[Config, RunInputs, RunModel, torch.device]:
+    """The config, stored inputs (``RunInputs``) and best (else last) model of a run directory (of an
+    ensemble directory: its members' models), read from the run directory alone: what prediction
+    needs, wherever the directory has moved."""
     config = load_config(check_run_dir(run_dir))
     device = device if device is not None else resolve_device(config.train.device)
-    checkpoint = _run_checkpoint(run_dir)
+    checkpoints = model_checkpoints(run_dir)
     stored = load_run_inputs(run_dir)
-    return config, stored, _load_model(config, stored.n_features, stored.n_labels, checkpoint, device), device
+    return config, stored, _load_models(checkpoints, stored.n_features, stored.n_labels, device), device
 
 
-def load_run(run_dir: Path, device: torch.device | None = None) -> tuple[Config, PreparedData, XMCModel, torch.device]:
-    """The config, prepared data and best (else last) model of a run directory. The data is read
-    from where the saved config says and preprocessed as the run stored it; a run directory from
-    before the preprocessing was stored gets it fitted from its training data and stored."""
+def load_run(run_dir: Path, device: torch.device | None = None) -> tuple[Config, PreparedData, RunModel, torch.device]:
+    """The config, prepared data and best (else last) model of a run directory (of an ensemble
+    directory: its members' models). The data is read from where the saved config says and
+    preprocessed as the run stored it; a run directory from before the preprocessing was stored
+    gets it fitted from its training data and stored."""
     config_path = check_run_dir(run_dir)
     config = load_config(config_path)
     device = device if device is not None else resolve_device(config.train.device)
-    checkpoint = _run_checkpoint(run_dir)
+    checkpoints = model_checkpoints(run_dir)
     stored = load_run_inputs(run_dir) if (run_dir / RUN_INPUTS_FILE).is_file() else None
     try:
         data = prepare_data(config, None if stored is None else stored.preprocess)
@@ -92,7 +135,7 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> tuple[Config,
         # Kept for predict; a run directory that cannot be written is still evaluated.
         with contextlib.suppress(OSError):
             save_run_inputs(run_dir, config, data)
-    return config, data, _load_model(config, data.train.n_features, data.train.n_labels, checkpoint, device), device
+    return config, data, _load_models(checkpoints, data.train.n_features, data.train.n_labels, device), device
 
 
 def evaluate_run_dir(

@@ -54,6 +54,11 @@ class XMCModel(nn.Module):
         self.intermediate = intermediate
         self.head = head
 
+    @property
+    def n_labels(self) -> int:
+        """The number of labels the head scores."""
+        return (self.head[-1] if isinstance(self.head, nn.Sequential) else self.head).out_features
+
     def features(self, batch: Batch) -> torch.Tensor:
         """The head's input ``h [B, d]``, for callers that run the head themselves."""
         h = self.encoder(batch)
