@@ -1,8 +1,8 @@
 """Benchmark the Triton fixed fan-in layer against torch.sparse, a dense layer and the reference op.
 
 L = 670,091 (Amazon-670K). For every (D, K, B): forward, backward (grad_input + grad_weight +
-grad_bias, both grad_input strategies), forward+backward through autograd, the by-input index
-rebuild, and torch.sparse (CSR SpMM forward; backward = SpMM with the transposed CSR, whose
+grad_bias, the by-input index kept as a layer keeps it), forward+backward through autograd, the
+by-input index rebuild, and torch.sparse (CSR SpMM forward; backward = SpMM with the transposed CSR, whose
 values are re-gathered every step, plus sampled_addmm for the values' gradient). A dense bf16
 layer ``x [B, 768] @ W^T, W [L, 768]`` per B, and the reference op on a few shapes (it is slow).
 
@@ -18,7 +18,6 @@ GB/s counts the gather traffic: L*K*B*2 bytes per pass, 1 pass forward, 2 backwa
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import os
@@ -29,9 +28,10 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from xmlsparse.ops import reference
-
-ff = importlib.import_module("xmlsparse.ops.fixed_fanin")
+from xmlsparse.ops.fixed_fanin import reference
+from xmlsparse.ops.fixed_fanin import triton_op as ff
+from xmlsparse.ops.fixed_fanin.by_input import ByInputCache, build_by_input_index
+from xmlsparse.ops.fixed_fanin.plan import DEFAULT_PLAN, Blocks, Plan, padded_width
 
 N_LABELS = 670_091
 DENSE_HIDDEN = 768
@@ -78,17 +78,17 @@ def time_triton(p: Problem) -> dict:
     out = {}
     out["fwd_ms"] = bench(lambda: ff.forward(p.next_set()[0], p.indices, p.weight, p.bias, out_dtype=ACT))
 
-    def backward(strategy):
-        _, h_t, g = p.next_set()
-        return ff.backward(g, h_t, p.indices, p.weight, p.D, h_dtype=ACT, bias_dtype=torch.float32, strategy=strategy)
+    cache = ByInputCache()
 
-    chunk = ff.csc_chunk_labels(p.indices, p.B, ACT, with_grad_weight=p.B >= ff.FUSED_MIN_BATCH)
-    ff.clear_transposed_index_cache()
-    out["index_build_ms"] = bench(lambda: ff.build_transposed_index(p.indices, p.D, chunk), rep=50, warmup=5)
-    out["index_chunks"] = ff.transposed_index(p.indices, p.D, chunk).n_chunks
-    for strategy in ff.GRAD_INPUT_STRATEGIES:
-        out[f"bwd_{strategy}_ms"] = bench(lambda: backward(strategy))
-    out["bwd_ms"] = out[f"bwd_{ff.DEFAULT_GRAD_INPUT_STRATEGY}_ms"]
+    def backward():
+        _, h_t, g = p.next_set()
+        return ff.backward(g, h_t, p.indices, p.weight, p.D, h_dtype=ACT, bias_dtype=torch.float32, by_input=cache)
+
+    plan = DEFAULT_PLAN
+    chunk = plan.by_input_chunk_labels(p.K, p.indices.device, p.B, ACT, with_grad_weight=p.B >= plan.fused_min_batch)
+    out["index_build_ms"] = bench(lambda: build_by_input_index(p.indices, p.D, chunk), rep=50, warmup=5)
+    out["index_chunks"] = cache.get(p.indices, p.D, chunk).n_chunks
+    out["bwd_ms"] = bench(backward)
     weight = p.weight.clone().requires_grad_(True)
     bias = p.bias.clone().requires_grad_(True)
     leaves = [(s[0].clone().requires_grad_(True), s[2]) for s in p.sets]
@@ -97,7 +97,7 @@ def time_triton(p: Problem) -> dict:
     def fwd_bwd():
         h, g = next_leaf()
         with torch.autocast("cuda", dtype=ACT):
-            z = ff.fixed_fanin(h, p.indices, weight, bias)
+            z = ff.fixed_fanin(h, p.indices, weight, bias, by_input=cache)
         return torch.autograd.grad(z, (h, weight, bias), g)
 
     out["fwd_bwd_ms"] = bench(fwd_bwd)
@@ -187,7 +187,7 @@ def _tiles(tiles, block_ks, block_bs):
             for tile in tiles:
                 block_l = tile // (block_k * block_b)
                 if 1 <= block_l <= 256:
-                    yield ff.Blocks(block_l, block_k, block_b, 4 if tile <= 8192 else 8)
+                    yield Blocks(block_l, block_k, block_b, 4 if tile <= 8192 else 8)
 
 
 def _sweep_family(rows, family, shape, configs, run, save) -> None:
@@ -210,7 +210,7 @@ def sweep_shape(p: Problem, rows: list[dict], save) -> None:
     """Block shapes of the forward and grad_weight gathers, and block shapes x label-chunk sizes of
     the fused by-input backward (grad_h + grad_W), at one shape."""
     shape = (p.D, p.K, p.B)
-    bb = triton.next_power_of_2(ff.padded_width(p.B))
+    bb = triton.next_power_of_2(padded_width(p.B))
     b_opts = sorted({min(bb, 128), min(bb, 64), min(bb, 32)}, reverse=True)
     _sweep_family(rows, "forward", shape, list(_tiles((4096, 8192, 16384), (4, 8, 16), b_opts[:2])),
                   lambda blk: ff.forward(p.next_set()[0], p.indices, p.weight, p.bias, out_dtype=ACT, blocks=blk),
@@ -219,21 +219,20 @@ def sweep_shape(p: Problem, rows: list[dict], save) -> None:
                   lambda blk: ff.grad_weight(p.next_set()[2], p.sets[0][0], p.indices, out_dtype=torch.float32,
                                              blocks=blk), save)
 
-    def fused(blk):
-        _, h_t, g = p.next_set()
-        grads = (torch.empty(p.B, p.D, dtype=ACT, device=g.device), torch.empty_like(p.weight))
-        ff._grad_input_csc(g, p.indices, p.weight, p.D, grads[0], blocks=blk, h_t=h_t, grad_w=grads[1])
-
-    b_csc = sorted({min(bb, 128), min(bb, 512)})
-    csc_configs = [ff.Blocks(e, 1, b, w) for e in (4, 8, 16) for b in b_csc for w in (1, 2) if e * b <= 4096]
-    saved = ff.CSC_L2_SHARE
+    b_by_input = sorted({min(bb, 128), min(bb, 512)})
+    by_input_configs = [Blocks(e, 1, b, w) for e in (4, 8, 16) for b in b_by_input for w in (1, 2) if e * b <= 4096]
     for share in (0.35, 0.5, 0.75):
-        ff.CSC_L2_SHARE = share
-        ff.clear_transposed_index_cache()
-        chunks = ff.transposed_index(p.indices, p.D, ff.csc_chunk_labels(p.indices, p.B, ACT)).n_chunks
-        _sweep_family(rows, f"fused_csc/{share:g}/{chunks}ch", shape, csc_configs, fused, save)
-    ff.CSC_L2_SHARE = saved
-    ff.clear_transposed_index_cache()
+        plan = Plan(by_input_l2_share=share)
+        index = build_by_input_index(p.indices, p.D, plan.by_input_chunk_labels(p.K, p.indices.device, p.B, ACT))
+
+        def fused(blk, plan=plan, index=index):
+            _, h_t, g = p.next_set()
+            grads = (torch.empty(p.B, p.D, dtype=ACT, device=g.device), torch.empty_like(p.weight))
+            ff._grad_input_by_input(g, p.indices, p.weight, p.D, grads[0], index, plan, blocks=blk, h_t=h_t,
+                                    grad_w=grads[1])
+
+        _sweep_family(rows, f"fused_by_input/{share:g}/{index.n_chunks}ch", shape, by_input_configs, fused, save)
+        del index
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,10 +278,9 @@ def main() -> None:
         rows.append(row)
         t, s = row["triton"], row["sparse"]
         print(f"D={n_inputs} K={fan_in} B={batch}: fwd {t['fwd_ms']:.3f} bwd {t['bwd_ms']:.3f} "
-              f"(csc {t['bwd_csc_ms']:.3f} atomic {t['bwd_atomic_ms']:.3f}) fwd+bwd {t['fwd_bwd_ms']:.3f} ms; "
+              f"fwd+bwd {t['fwd_bwd_ms']:.3f} ms; "
               f"sparse fwd {s.get('fwd_ms', float('nan')):.3f} bwd {s.get('bwd_ms', float('nan')):.3f}", flush=True)
         del p
-        ff.clear_transposed_index_cache()
         torch.cuda.empty_cache()
     dense = {b: time_dense(b, dev) for b in sorted({r["B"] for r in rows})}
     args.out.write_text(json.dumps(dict(meta, rows=rows, dense=dense, seconds=time.time() - start), indent=1))
@@ -293,10 +291,10 @@ def main() -> None:
 def print_table(meta: dict, rows: list[dict], dense: dict) -> None:
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, L={meta['labels']}, "
           f"copy {meta['copy_GBps']:.0f} GB/s; ms (median); GB/s = gathered L*K*B*2 bytes per pass "
-          f"(1 forward, 2 backward); bwd = default strategy; index = by-input index rebuild (chunks)")
-    print("| D | K | B | fwd ms | fwd GB/s | bwd ms | bwd/fwd | csc / atomic bwd | fwd+bwd | index ms "
+          f"(1 forward, 2 backward); index = by-input index rebuild (chunks)")
+    print("| D | K | B | fwd ms | fwd GB/s | bwd ms | bwd/fwd | fwd+bwd | index ms "
           "| sparse fwd / bwd | x sparse fwd / bwd | dense fwd / bwd | ref fwd / fwd+bwd (x) | fwd target |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t, s, d = r["triton"], r["sparse"], dense[r["B"]]
         ref = r.get("reference")
@@ -308,8 +306,7 @@ def print_table(meta: dict, rows: list[dict], dense: dict) -> None:
         target_txt = "-" if target is None else f"{target} {'ok' if t['fwd_ms'] <= target else 'MISS'}"
         sp_f, sp_b = s.get("fwd_ms", float("nan")), s.get("bwd_ms", float("nan"))
         print(f"| {r['D']} | {r['K']} | {r['B']} | {t['fwd_ms']:.3f} | {t['fwd_GBps']:.0f} | {t['bwd_ms']:.3f} "
-              f"| {t['bwd_ms'] / t['fwd_ms']:.2f} | {t['bwd_csc_ms']:.2f} / {t['bwd_atomic_ms']:.2f} "
-              f"| {t['fwd_bwd_ms']:.3f} | {t['index_build_ms']:.1f} ({t['index_chunks']}) "
+              f"| {t['bwd_ms'] / t['fwd_ms']:.2f} | {t['fwd_bwd_ms']:.3f} | {t['index_build_ms']:.1f} ({t['index_chunks']}) "
               f"| {sp_f:.2f} / {sp_b:.2f} {s.get('dtype', '')} | {sp_f / t['fwd_ms']:.0f} / {sp_b / t['bwd_ms']:.0f} "
               f"| {d['fwd_ms']:.2f} / {d['bwd_ms']:.2f} | {ref_txt} | {target_txt} |")
 

@@ -23,6 +23,7 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.train.losses import loss_fn
 from xmlsparse.train.memory import StepMemory, optimizer_state_bytes, state_bytes
 from xmlsparse.train.setup import model_for, prepare_data
-from xmlsparse.train.trainer import build_optimizer, train_step
+from xmlsparse.train.trainer import build_optimizer, connect_head_to_optimizer, train_step
 
 MEMORY_COLUMNS = (
     "intermediate", "head_params", "head_indices", "head_by_input_index", "optimizer_intermediate", "optimizer_head",
@@ -78,6 +79,7 @@ def bench(config_path: Path, data_dir: Path, batch_size: int, steps: int, warmup
     torch.cuda.reset_peak_memory_stats()
     model = model_for(config, data.train.n_features, data.train.n_labels, device)
     optimizer = build_optimizer(model, config)
+    connect_head_to_optimizer(model, optimizer, config)
     loss = loss_fn(config.train.loss, consume_logits=True)
     iterator = BatchIterator(data.train.X, data.train.Y, batch_size, shuffle=True, seed=0, points=data.train_rows)
     batches = []
@@ -89,7 +91,7 @@ def bench(config_path: Path, data_dir: Path, batch_size: int, steps: int, warmup
     for i in range(warmup):
         train_step(model, batches[i % len(batches)], loss, optimizer, device, "bf16")
     probe = StepMemory(device)
-    train_step(model, batches[0], loss, optimizer, device, "bf16", probe)
+    probe.measure(partial(train_step, model, batches[0], optimizer=optimizer, device=device, precision="bf16"), loss, optimizer)
     torch.cuda.synchronize()
 
     parts = {name: [] for name in PARTS}
@@ -110,7 +112,7 @@ def bench(config_path: Path, data_dir: Path, batch_size: int, steps: int, warmup
     rewire_ms = 0.0
     rewire = config.model.rewire
     if isinstance(model.head, FixedFanInLinear) and rewire is not None:
-        rewirer = Rewirer(interval=rewire.interval, total_steps=10 * rewire.interval, fraction=rewire.fraction)
+        rewirer = Rewirer(rewire, total_steps=10 * rewire.interval, seed=config.train.seed)
         torch.cuda.synchronize()
         started = time.perf_counter()
         rewirer.rewire(model.head, optimizer)

@@ -28,7 +28,7 @@ from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.ops.adam import adam_step_reference_
 from xmlsparse.ops.adam_step import AdamStep
 from xmlsparse.ops.adam_kernels import adam_step_
-from xmlsparse.train.compact_adam import BackwardUpdate, CompactAdam
+from xmlsparse.train.compact_adam import AdamGradSink, CompactAdam
 from xmlsparse.train.losses import LOSSES, loss_fn
 
 N_LABELS = 670_091
@@ -72,7 +72,7 @@ def check_head_update(batch: int) -> dict:
     fused = FixedFanInLinear(N_INPUTS, N_LABELS, FAN_IN, generator=gen, device="cuda")
     plain = copy.deepcopy(fused)
     fused_opt, plain_opt = CompactAdam(fused.parameters(), lr=1e-3), CompactAdam(plain.parameters(), lr=1e-3)
-    fused.update_weight_in_backward(BackwardUpdate(fused_opt, fused.weight))
+    fused.grad_weight_sink = AdamGradSink(fused_opt, fused.weight)
     start = fused.weight.detach().clone()
     h = torch.randn(batch, N_INPUTS, device="cuda", generator=gen).relu()
     grad_out = torch.randn(batch, N_LABELS, device="cuda", generator=gen).to(torch.bfloat16) * 1e-6

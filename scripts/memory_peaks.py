@@ -29,7 +29,7 @@ from xmlsparse.nn.rewire import Rewirer
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.train.losses import loss_fn
 from xmlsparse.train.setup import model_for, prepare_data
-from xmlsparse.train.trainer import build_optimizer, train_step
+from xmlsparse.train.trainer import build_optimizer, connect_head_to_optimizer, train_step
 
 TRACE_ENTRIES = 2_000_000
 PROJECT_MARKERS = ("xmlsparse/", "scripts/")
@@ -109,6 +109,7 @@ def main() -> None:
     markers = [("", _marker())]
     model = model_for(config, data.train.n_features, data.train.n_labels, device)
     optimizer = build_optimizer(model, config)
+    connect_head_to_optimizer(model, optimizer, config)
     loss = loss_fn(config.train.loss, consume_logits=True)
     model.train()
     markers.append(("build model", _marker()))
@@ -119,7 +120,7 @@ def main() -> None:
     markers.append(("steady step", _marker()))
     rewire = config.model.rewire
     if isinstance(model.head, FixedFanInLinear) and rewire is not None:
-        rewirer = Rewirer(interval=rewire.interval, total_steps=10 * rewire.interval, fraction=rewire.fraction)
+        rewirer = Rewirer(rewire, total_steps=10 * rewire.interval, seed=config.train.seed)
         rewirer.rewire(model.head, optimizer)
         markers.append(("rewire", _marker()))
         train_step(model, batches[3], loss, optimizer, device, "bf16")

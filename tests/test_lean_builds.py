@@ -1,18 +1,17 @@
 """The L*K-sized builds run piece by piece: the by-input index and the rewiring selection give
 exactly what one pass over all slots gives, whatever the piece size."""
 
-import importlib
 import weakref
 
 import pytest
 import torch
 
+from xmlsparse.config import RewireConfig
 from xmlsparse.nn import rewire
 from xmlsparse.nn.rewire import Rewirer
 
-pytest.importorskip("triton")
-# The module itself: the package attribute ``xmlsparse.ops.fixed_fanin`` is the dispatcher function.
-ff = importlib.import_module("xmlsparse.ops.fixed_fanin")
+from xmlsparse.ops.fixed_fanin import by_input  # noqa: E402
+from xmlsparse.ops.fixed_fanin.by_input import ByInputCache, build_by_input_index  # noqa: E402
 
 
 def reference_transposed(indices: torch.Tensor, n_inputs: int, chunk_labels: int):
@@ -47,11 +46,10 @@ def random_indices(n_labels, fan_in, n_inputs, seed):
         (12, 0, 5, 5),  # K = 0
     ],
 )
-def test_transposed_index_matches_one_stable_sort(monkeypatch, piece, n_labels, fan_in, n_inputs, chunk_labels):
-    monkeypatch.setattr(ff, "TRANSPOSED_BUILD_SLOTS", piece)
+def test_by_input_index_matches_one_stable_sort(piece, n_labels, fan_in, n_inputs, chunk_labels):
     indices = random_indices(n_labels, fan_in, n_inputs, seed=n_labels * 31 + fan_in)
     before = indices.clone()
-    index = ff.build_transposed_index(indices, n_inputs, chunk_labels)
+    index = build_by_input_index(indices, n_inputs, chunk_labels, build_slots=piece)
     chunk_labels_ref, n_chunks, order, offsets = reference_transposed(indices, n_inputs, chunk_labels)
     assert torch.equal(indices, before)  # the keys are built in a copy
     assert (index.chunk_labels, index.n_chunks, index.n_inputs) == (chunk_labels_ref, n_chunks, n_inputs)
@@ -60,33 +58,31 @@ def test_transposed_index_matches_one_stable_sort(monkeypatch, piece, n_labels, 
     assert torch.equal(index.offsets.long(), offsets)
 
 
-def test_transposed_index_pieces_hold_several_chunks_and_single_large_chunks(monkeypatch):
+def test_by_input_index_pieces_hold_several_chunks_and_single_large_chunks():
     # Piece of 64 slots: chunks of 3 labels x 4 slots = 12 slots, 64 // 12 = 5 chunks a piece unless
     # the counts (chunks x n_inputs) cap it; and chunks larger than a piece stay whole.
     indices = random_indices(101, 4, 6, seed=5)
     for piece in (64, 10, 3):
-        monkeypatch.setattr(ff, "TRANSPOSED_BUILD_SLOTS", piece)
         for chunk_labels in (3, 50):
-            index = ff.build_transposed_index(indices, 6, chunk_labels)
+            index = build_by_input_index(indices, 6, chunk_labels, build_slots=piece)
             _, _, order, offsets = reference_transposed(indices, 6, chunk_labels)
             assert torch.equal(index.slots.long(), order) and torch.equal(index.offsets.long(), offsets)
 
 
-def test_transposed_index_empty_layer():
-    index = ff.build_transposed_index(torch.zeros(0, 3, dtype=torch.int32), 4, 8)
+def test_by_input_index_empty_layer():
+    index = build_by_input_index(torch.zeros(0, 3, dtype=torch.int32), 4, 8)
     assert index.n_chunks == 0 and index.slots.numel() == 0 and torch.equal(index.offsets, torch.zeros(1, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("piece", [5, 1 << 24])
-def test_transposed_index_rejects_out_of_range(monkeypatch, piece):
-    monkeypatch.setattr(ff, "TRANSPOSED_BUILD_SLOTS", piece)
+def test_by_input_index_rejects_out_of_range(piece):
     indices = random_indices(20, 3, 5, seed=1)
     with pytest.raises(ValueError, match="indices must lie in"):
-        ff.build_transposed_index(indices + 5, 5, chunk_labels=4)
+        build_by_input_index(indices + 5, 5, chunk_labels=4, build_slots=piece)
     bad = indices.clone()
     bad[17, 2] = -1
     with pytest.raises(ValueError, match="indices must lie in"):
-        ff.build_transposed_index(bad, 5, chunk_labels=4)
+        build_by_input_index(bad, 5, chunk_labels=4, build_slots=piece)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,9 +103,8 @@ def old_select_pruned(fraction, weight, generator):
 
 
 def select(fraction, weight, seed=0, threshold=None):
-    rewirer = Rewirer(interval=1, total_steps=10, fraction=fraction) if threshold is None else Rewirer(
-        interval=1, total_steps=10, threshold=threshold
-    )
+    # A threshold, when given, replaces the fraction (select(None, ..., threshold=t) prunes by it).
+    rewirer = Rewirer(RewireConfig(interval=1, fraction=fraction, threshold=threshold), total_steps=10, seed=0)
     return rewirer._select_pruned(weight, threshold, torch.Generator().manual_seed(seed))
 
 
@@ -212,39 +207,47 @@ def test_selection_under_no_grad_leaves_weight_alone(monkeypatch):
     check_selection(weight, 0.3, mask)
 
 
-def test_a_stale_by_input_index_is_freed_before_its_replacement_is_built(monkeypatch):
-    """Rewiring changes the indices in place; the cached index of the old ones (1 GB at amazon-3m
-    shape) must not live beside the new one while it is built."""
-    ff.clear_transposed_index_cache()
+def test_a_replaced_by_input_index_is_freed_before_its_replacement_is_built(monkeypatch):
+    """A batch that needs smaller label chunks rebuilds the kept index; the old one (1 GB at
+    amazon-3m shape) must not live beside the new one while it is built."""
     indices = random_indices(40, 4, 13, seed=3)
-    old_slots = weakref.ref(ff.transposed_index(indices, 13, 8).slots)
-    indices[0, 0] = (indices[0, 0] + 1) % 13  # an in-place change, as rewiring makes
-    build = ff.build_transposed_index
+    cache = ByInputCache()
+    old_slots = weakref.ref(cache.get(indices, 13, 32).slots)
+    build = by_input.build_by_input_index
     old_alive_during_build = []
 
     def watched_build(*args):
         old_alive_during_build.append(old_slots() is not None)
         return build(*args)
 
-    monkeypatch.setattr(ff, "build_transposed_index", watched_build)
-    rebuilt = ff.transposed_index(indices, 13, 8)
+    monkeypatch.setattr(by_input, "build_by_input_index", watched_build)
+    rebuilt = cache.get(indices, 13, 8)
     assert old_alive_during_build == [False]
-    assert ff.transposed_index(indices, 13, 8) is rebuilt  # cached again
-    ff.clear_transposed_index_cache()
+    assert cache.get(indices, 13, 8) is rebuilt  # kept again
 
 
-def test_evaluation_mode_frees_the_by_input_index_and_training_rebuilds_it():
+@pytest.mark.parametrize("change", ["eval", "redraw", "load_state_dict", "reset"])
+def test_the_layer_drops_its_by_input_index_when_it_is_not_needed_or_stale(change):
+    pytest.importorskip("triton")
     from xmlsparse.nn.sparse_linear import FixedFanInLinear
 
-    ff.clear_transposed_index_cache()
     layer = FixedFanInLinear(17, 30, 4, impl="triton", generator=torch.Generator().manual_seed(0))
     h = torch.randn(3, 17)
     layer(h.clone().requires_grad_()).sum().backward()
-    assert ff.transposed_index_bytes() > 0
-    layer.eval()
-    assert ff.transposed_index_bytes() == 0
+    assert layer.by_input.nbytes > 0
+    if change == "eval":
+        layer.eval()
+    elif change == "redraw":
+        layer.redraw_connections(torch.rand(30, 4, generator=torch.Generator().manual_seed(1)) < 0.5)
+    elif change == "load_state_dict":
+        layer.load_state_dict(FixedFanInLinear(17, 30, 4, impl="triton").state_dict())
+    else:
+        layer.reset_parameters()
+    assert layer.by_input.nbytes == 0
     layer.train()
     x = h.clone().requires_grad_()
     layer(x).sum().backward()
-    assert ff.transposed_index_bytes() > 0 and x.grad is not None
-    ff.clear_transposed_index_cache()
+    assert layer.by_input.nbytes > 0 and x.grad is not None
+    want = torch.zeros(3, 17).index_add_(1, layer.indices.reshape(-1).long(),
+                                         layer.weight.detach().reshape(-1).expand(3, -1).contiguous())
+    torch.testing.assert_close(x.grad, want)

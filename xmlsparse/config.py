@@ -69,6 +69,11 @@ UNIT = Range(0, 1)
 SEED = Range(0, 2**32 - 1)  # what numpy's global seed accepts
 
 
+# The activations a config may name (every ``activation`` key). The one list: xmlsparse.nn maps these
+# names to modules, and this layer imports nothing from it.
+ACTIVATION_NAMES = ("relu", "gelu", "tanh", "sigmoid", "silu", "elu", "leaky-relu", "identity")
+
+
 def ranged(default: Any, allowed: Range) -> Any:
     """A dataclass field with ``default`` whose values (when not null) must lie in ``allowed``."""
     return field(default=default, metadata={"range": allowed})
@@ -221,7 +226,11 @@ CHOICES: dict[str, tuple[str | bool, ...]] = {
     "data.features": ("bow", "dense"),
     "data.tfidf": ("auto", True, False),
     "model.encoder.type": ("bow", "dense"),
+    "model.encoder.activation": ACTIVATION_NAMES,
+    "model.intermediate.activation": ACTIVATION_NAMES,
     "model.head.type": ("fixed-fanin", "dense", "bottleneck"),
+    "model.head.activation": ACTIVATION_NAMES,
+    # xmlsparse.ops.IMPLS, which this layer may not import; tests/nn/test_model.py checks they agree.
     "model.head.impl": ("auto", "triton", "reference"),
     "model.rewire.new_weights": ("zero", "random"),
     "train.loss": ("squared-hinge", "bce", "softmax"),
@@ -356,7 +365,7 @@ def config_from_dict(values: dict, source: str = "config") -> Config:
             "features) or configs/quickstart.yaml (dense features)"
         )
     _check_metric_names(config, values, source)
-    _check_model_fits(config, source)
+    check_model_fits(config.model, config.data.features, source=source)
     optimizer = config.train.optimizer
     if optimizer.head_update_in_backward and optimizer.moments != "bfloat16":
         raise XMLSparseError(
@@ -366,29 +375,31 @@ def config_from_dict(values: dict, source: str = "config") -> Config:
     return config
 
 
-def _head_inputs(config: Config) -> tuple[int, str] | None:
-    """How many inputs the head reads and the key that sets that number, when the config alone
-    decides it (a dense encoder without hidden layers passes on the data's feature columns)."""
-    model = config.model
+def _head_inputs(model: ModelConfig, features: str, n_features: int | None) -> tuple[int, str] | None:
+    """How many inputs the head reads and what sets that number; None when only the data can tell
+    (a dense encoder without hidden layers passes on the data's feature columns, ``n_features``)."""
     if model.intermediate is not None:
         return model.intermediate.size, "model.intermediate.size"
     if model.encoder.hidden:
         return model.encoder.hidden[-1], "model.encoder.hidden"
-    if (model.encoder.type or config.data.features) == "bow":
+    if (model.encoder.type or features) == "bow":
         return model.encoder.dim, "model.encoder.dim"
+    if n_features is not None:
+        return n_features, "the data's feature columns"
     return None
 
 
-def _check_model_fits(config: Config, source: str) -> None:
-    """The checks that building the model would make after loading the data, where the config alone
-    decides them: the encoder reads the data's kind of features, a label's fan-in fits its inputs."""
-    model = config.model
-    if model.encoder.type is not None and model.encoder.type != config.data.features:
+def check_model_fits(model: ModelConfig, features: str, n_features: int | None = None, source: str = "config") -> None:
+    """The rules across fields of the ``model`` section: the encoder reads the data's kind of features
+    (``features``, data.features), and a label's fan-in fits the inputs its head reads. Loading a
+    config checks what the config alone decides; building the model checks again with the data's
+    ``n_features``, which a dense encoder without hidden layers passes on to the head."""
+    if model.encoder.type is not None and model.encoder.type != features:
         raise XMLSparseError(
-            f"{source}: model.encoder.type = {model.encoder.type!r} but data.features = {config.data.features!r}: "
+            f"{source}: model.encoder.type = {model.encoder.type!r} but data.features = {features!r}: "
             "they must agree (null follows data.features)"
         )
-    inputs = _head_inputs(config)
+    inputs = _head_inputs(model, features, n_features)
     if model.head.type == "fixed-fanin" and inputs is not None and model.head.fan_in > inputs[0]:
         raise XMLSparseError(
             f"{source}: model.head.fan_in = {model.head.fan_in} exceeds the {inputs[0]} inputs the head reads "

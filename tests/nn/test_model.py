@@ -4,11 +4,13 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from xmlsparse.config import ACTIVATION_NAMES, CHOICES, Config, DataConfig, ModelConfig, config_from_dict, config_to_dict
 from xmlsparse.data.batches import BatchIterator
 from xmlsparse.errors import XMLSparseError
-from xmlsparse.nn.encoders import BowEncoder, DenseEncoder, make_activation
+from xmlsparse.nn.encoders import ACTIVATIONS, BowEncoder, DenseEncoder, make_activation
 from xmlsparse.nn.model import XMCModel, build_model
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
+from xmlsparse.ops import IMPLS
 
 N_POINTS, N_FEATURES, DENSE_DIM, N_LABELS = 6, 30, 12, 17
 
@@ -26,8 +28,18 @@ def one_batch(kind):
     return next(iter(BatchIterator(X if kind == "bow" else dense, Y, batch_size=N_POINTS, shuffle=False)))
 
 
-def config(encoder=None, intermediate=None, head=None):
+def section(encoder=None, intermediate=None, head=None):
+    """A ``model:`` section as a config file writes it (no intermediate layer unless given)."""
     return {"encoder": encoder or {}, "intermediate": intermediate, "head": head or {}}
+
+
+def model_config(values: dict, kind: str = "dense") -> ModelConfig:
+    """The typed ``model`` section of ``values``, validated as a config file's is."""
+    return config_from_dict({"data": {"dataset": "d", "features": kind}, "model": values}).model
+
+
+def config(encoder=None, intermediate=None, head=None, kind="dense") -> ModelConfig:
+    return model_config(section(encoder, intermediate, head), kind)
 
 
 HEADS = {
@@ -42,7 +54,7 @@ HEADS = {
 @pytest.mark.parametrize("intermediate", [None, {"size": 20, "activation": "gelu"}])
 def test_every_encoder_and_head_gives_logits_of_the_right_shape(kind, head, intermediate):
     n_features = N_FEATURES if kind == "bow" else DENSE_DIM
-    cfg = config({"type": kind, "dim": 8, "hidden": [9], "dropout": 0.1}, intermediate, HEADS[head])
+    cfg = config({"type": kind, "dim": 8, "hidden": [9], "dropout": 0.1}, intermediate, HEADS[head], kind)
     model = build_model(cfg, n_features, N_LABELS, kind)
     batch = one_batch(kind)
     h = model.features(batch)
@@ -77,20 +89,22 @@ def test_encoders_without_hidden_layers():
     torch.testing.assert_close(bow(bow_batch), expected)
 
 
-def test_full_config_section_as_the_schema_writes_it():
-    cfg = {
-        "encoder": {"type": "bow", "dim": 8, "hidden": [], "dropout": 0.0, "activation": "relu"},
-        "intermediate": {"size": 32, "activation": "relu"},
-        "head": {"type": "dense", "fan_in": 64, "rank": 64, "activation": "relu", "impl": "auto"},
-        "rewire": {"interval": 1000, "fraction": 0.1},
-    }
+def test_a_saved_config_builds_the_same_model():
+    # A run directory's config.yaml writes out every key, whatever the head type; read back, it
+    # builds the model the run trained.
+    cfg = config({"type": "bow", "dim": 8}, {"size": 32}, {"type": "dense"}, kind="bow")
+    saved = config_from_dict(config_to_dict(Config(DataConfig("d"), cfg)))
+    torch.manual_seed(0)
     model = build_model(cfg, N_FEATURES, N_LABELS, "bow")
+    torch.manual_seed(0)
+    reread = build_model(saved.model, N_FEATURES, N_LABELS, saved.data.features)
     assert isinstance(model.head, nn.Linear) and model.encoder.out_dim == 8
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reread.state_dict().values()))
 
 
 def test_param_groups_cover_every_parameter_once():
     for intermediate in (None, {"size": 16}):
-        cfg = config({"dim": 8, "hidden": [6]}, intermediate, {"fan_in": 4})
+        cfg = config({"dim": 8, "hidden": [6]}, intermediate, {"fan_in": 4}, kind="bow")
         model = build_model(cfg, N_FEATURES, N_LABELS, "bow")
         lrs = {"encoder": 0.1, "intermediate": 0.2, "head": 0.3}
         groups = model.param_groups(lrs)
@@ -107,7 +121,7 @@ def test_param_groups_cover_every_parameter_once():
 
 
 def test_memory_report_counts_each_part():
-    model = build_model(config({"dim": 8}, {"size": 16}, {"fan_in": 5}), N_FEATURES, N_LABELS, "bow")
+    model = build_model(config({"dim": 8}, {"size": 16}, {"fan_in": 5}, kind="bow"), N_FEATURES, N_LABELS, "bow")
     report = model.memory_report()
     assert report["encoder"] == (N_FEATURES * 8 + 8) * 4
     assert report["intermediate"] == (8 * 16 + 16) * 4
@@ -124,26 +138,45 @@ def test_xmc_model_composes_given_parts():
 
 
 @pytest.mark.parametrize(
-    "cfg, kind, message",
+    "values, kind, message",
     [
-        (config({"activation": "swish"}), "dense", r"model\.encoder\.activation.*'swish'.*relu, gelu"),
-        (config(head={"type": "bottleneck", "activation": "nope"}), "dense", r"model\.head\.activation"),
-        (config(intermediate={"size": 8, "activation": "nope"}), "dense", r"model\.intermediate\.activation"),
-        (config({"type": "bow"}), "dense", r"model\.encoder\.type is 'bow'.*'dense'"),
-        (config({"type": "sparse"}), "sparse", r"data\.features"),
-        (config(head={"type": "lowrank"}), "dense", r"model\.head\.type.*fixed-fanin, dense, bottleneck"),
-        (config(head={"fan_in": 100}), "dense", r"model\.head\.fan_in = 100 exceeds the 12 inputs"),
-        (config(head={"fan_in": 0}), "dense", r"model\.head\.fan_in must be a positive integer"),
-        (config(head={"fanin": 3}), "dense", r"model\.head\.fanin"),
-        (config({"dropout": 1.5}), "dense", r"model\.encoder\.dropout"),
-        (config({"hidden": [4, -1]}), "dense", r"model\.encoder\.hidden"),
-        (config(intermediate={"size": 0}), "dense", r"model\.intermediate\.size"),
-        (config(head={"impl": "cuda", "fan_in": 4}), "dense", r"model\.head\.impl"),
+        (section({"activation": "swish"}), "dense", r"model\.encoder\.activation = 'swish': expected one of relu, gelu"),
+        (section(head={"type": "bottleneck", "activation": "nope"}), "dense", r"model\.head\.activation"),
+        (section(intermediate={"size": 8, "activation": "nope"}), "dense", r"model\.intermediate\.activation"),
+        (section({"type": "bow"}), "dense", r"model\.encoder\.type = 'bow' but data\.features = 'dense'"),
+        (section({"type": "sparse"}), "sparse", r"data\.features"),
+        (section(head={"type": "lowrank"}), "dense", r"model\.head\.type.*fixed-fanin, dense, bottleneck"),
+        (section(head={"fan_in": 0}), "dense", r"model\.head\.fan_in = 0: out of range, expected a value >= 1"),
+        (section(head={"fanin": 3}), "dense", r"model\.head\.fanin"),
+        (section({"dropout": 1.5}), "dense", r"model\.encoder\.dropout"),
+        (section({"hidden": [4, -1]}), "dense", r"model\.encoder\.hidden"),
+        (section(intermediate={"size": 0}), "dense", r"model\.intermediate\.size"),
+        (section(head={"impl": "cuda", "fan_in": 4}), "dense", r"model\.head\.impl"),
     ],
 )
-def test_bad_config_names_the_key(cfg, kind, message):
+def test_bad_config_names_the_key(values, kind, message):
     with pytest.raises(XMLSparseError, match=message):
-        build_model(cfg, DENSE_DIM, N_LABELS, kind)
+        model_config(values, kind)
+
+
+def test_a_fan_in_wider_than_the_dense_features_is_refused_once_their_width_is_known():
+    # Without hidden layers or an intermediate one the head reads the feature columns, which only
+    # the data tells: the config loads, and building the model refuses it.
+    cfg = config(head={"fan_in": 100})
+    with pytest.raises(XMLSparseError, match=r"model\.head\.fan_in = 100 exceeds the 12 inputs the head reads"):
+        build_model(cfg, DENSE_DIM, N_LABELS, "dense")
+    assert build_model(cfg, 100, N_LABELS, "dense").head.indices.shape == (N_LABELS, 100)
+
+
+def test_build_model_checks_the_encoder_against_the_features_it_is_given():
+    with pytest.raises(XMLSparseError, match=r"model\.encoder\.type = 'dense' but data\.features = 'bow'"):
+        build_model(config({"type": "dense"}, {"size": 16}, {"fan_in": 4}), N_FEATURES, N_LABELS, "bow")
+
+
+def test_the_lists_of_choices_agree_with_what_they_name():
+    assert list(ACTIVATIONS) == list(ACTIVATION_NAMES)
+    assert all(CHOICES[f"model.{part}.activation"] == ACTIVATION_NAMES for part in ("encoder", "intermediate", "head"))
+    assert CHOICES["model.head.impl"] == IMPLS
 
 
 def test_make_activation():

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from xmlsparse.config import RewireConfig, config_from_dict
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.nn.rewire import Rewirer
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
@@ -48,7 +49,7 @@ def test_one_round_changes_exactly_the_pruned_slots(new_weights, amsgrad):
     n_prune = round(0.1 * L * K)
     pruned = smallest_slots(layer.weight, n_prune)
 
-    rewirer = Rewirer(interval=1, total_steps=10, fraction=0.1, new_weights=new_weights, seed=1)
+    rewirer = Rewirer(RewireConfig(interval=1, fraction=0.1, new_weights=new_weights), total_steps=10, seed=1)
     assert rewirer.maybe_rewire(layer, optimizer, 1) == n_prune / (L * K)
 
     kept = ~pruned
@@ -75,7 +76,7 @@ def test_one_round_changes_exactly_the_pruned_slots(new_weights, amsgrad):
 
 def test_many_rounds_keep_fan_in_and_rows_free_of_repeats():
     layer, optimizer = trained()
-    rewirer = Rewirer(interval=2, total_steps=200, fraction=0.2, seed=3)
+    rewirer = Rewirer(RewireConfig(interval=2, fraction=0.2), total_steps=200, seed=3)
     fractions = []
     for step in range(1, 61):
         train_steps(layer, optimizer, 1, seed=step)
@@ -90,7 +91,7 @@ def test_many_rounds_keep_fan_in_and_rows_free_of_repeats():
 
 
 def test_schedule_respects_interval_and_stop():
-    rewirer = Rewirer(interval=10, total_steps=100, fraction=0.1, stop=0.5)
+    rewirer = Rewirer(RewireConfig(interval=10, fraction=0.1, stop=0.5), total_steps=100, seed=0)
     assert [s for s in range(0, 101) if rewirer.due(s)] == [10, 20, 30, 40]
     layer, optimizer = trained()
     before = layer.indices.clone()
@@ -102,7 +103,7 @@ def test_schedule_respects_interval_and_stop():
 
 def test_threshold_with_decay():
     layer, optimizer = trained()
-    rewirer = Rewirer(interval=1, total_steps=10, threshold=0.05, threshold_decay=0.5)
+    rewirer = Rewirer(RewireConfig(interval=1, threshold=0.05, threshold_decay=0.5), total_steps=10, seed=0)
     expected = float((layer.weight.detach().abs() < 0.05).float().mean())
     assert rewirer.rewire(layer, optimizer) == pytest.approx(expected)
     assert rewirer.current_threshold() == pytest.approx(0.025)
@@ -115,7 +116,7 @@ def test_ties_at_the_cut_still_prune_the_requested_fraction():
     layer, optimizer = trained()
     with torch.no_grad():
         layer.weight.fill_(0.5)
-    rewirer = Rewirer(interval=1, total_steps=10, fraction=0.3)
+    rewirer = Rewirer(RewireConfig(interval=1, fraction=0.3), total_steps=10, seed=0)
     assert rewirer.rewire(layer, optimizer) == round(0.3 * L * K) / (L * K)
     assert int((layer.weight == 0).sum()) == round(0.3 * L * K)
     # Right after, the zeros are the smallest: pruning 0.3 again picks among them only.
@@ -127,7 +128,7 @@ def test_same_seed_same_rewiring_and_different_seed_differs():
     results = []
     for seed in (7, 7, 8):
         layer, optimizer = trained()
-        rewirer = Rewirer(interval=1, total_steps=100, fraction=0.1, new_weights="random", seed=seed)
+        rewirer = Rewirer(RewireConfig(interval=1, fraction=0.1, new_weights="random"), total_steps=100, seed=seed)
         for step in range(1, 4):
             rewirer.maybe_rewire(layer, optimizer, step)
         results.append((layer.indices.clone(), layer.weight.detach().clone()))
@@ -137,7 +138,7 @@ def test_same_seed_same_rewiring_and_different_seed_differs():
 
 def test_state_dict_round_trip_resumes_identically():
     layer, optimizer = trained()
-    rewirer = Rewirer(interval=1, total_steps=100, fraction=0.1, seed=11)
+    rewirer = Rewirer(RewireConfig(interval=1, fraction=0.1), total_steps=100, seed=11)
     for step in range(1, 4):
         rewirer.maybe_rewire(layer, optimizer, step)
     saved = rewirer.state_dict()
@@ -146,7 +147,7 @@ def test_state_dict_round_trip_resumes_identically():
     optimizer_copy = torch.optim.Adam(layer_copy.parameters(), lr=1e-2)
     optimizer_copy.load_state_dict(optimizer.state_dict())
 
-    resumed = Rewirer(interval=1, total_steps=100, fraction=0.1, seed=0)
+    resumed = Rewirer(RewireConfig(interval=1, fraction=0.1), total_steps=100, seed=0)
     resumed.load_state_dict(saved)
     for step in range(4, 7):
         rewirer.maybe_rewire(layer, optimizer, step)
@@ -159,7 +160,7 @@ def test_state_dict_round_trip_resumes_identically():
 
 def test_fan_in_one_below_inputs():
     layer, optimizer = trained(n_inputs=D, fan_in=D - 1)
-    rewirer = Rewirer(interval=1, total_steps=100, fraction=0.3, seed=2)
+    rewirer = Rewirer(RewireConfig(interval=1, fraction=0.3), total_steps=100, seed=2)
     for _ in range(10):
         fraction = rewirer.rewire(layer, optimizer)
         assert fraction == round(0.3 * L * (D - 1)) / (L * (D - 1))
@@ -170,7 +171,7 @@ def test_fan_in_one_below_inputs():
 def test_fan_in_equal_to_inputs_is_left_as_is():
     layer, optimizer = trained(n_inputs=D, fan_in=D)
     before = copy.deepcopy(layer)
-    rewirer = Rewirer(interval=1, total_steps=100, fraction=0.3)
+    rewirer = Rewirer(RewireConfig(interval=1, fraction=0.3), total_steps=100, seed=0)
     assert rewirer.maybe_rewire(layer, optimizer, 1) == 0.0
     assert torch.equal(layer.indices, before.indices) and torch.equal(layer.weight, before.weight)
 
@@ -178,23 +179,27 @@ def test_fan_in_equal_to_inputs_is_left_as_is():
 def test_without_optimizer_and_indices_version_moves():
     layer = FixedFanInLinear(D, L, K)
     version = layer.indices._version  # caches of index-derived tables key on it
-    assert Rewirer(interval=1, total_steps=5, fraction=0.5).rewire(layer, None) == round(0.5 * L * K) / (L * K)
+    assert Rewirer(RewireConfig(interval=1, fraction=0.5), total_steps=5, seed=0).rewire(layer, None) == round(0.5 * L * K) / (L * K)
     assert not has_repeats(layer.indices)
     assert layer.indices._version > version
 
 
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        (dict(interval=0, total_steps=10, fraction=0.1), "interval must be a positive"),
-        (dict(interval=1, total_steps=10), "exactly one of fraction or threshold"),
-        (dict(interval=1, total_steps=10, fraction=0.1, threshold=0.1), "exactly one of fraction or threshold"),
-        (dict(interval=1, total_steps=10, fraction=1.5), "fraction must be in \\(0, 1\\], got 1.5"),
-        (dict(interval=1, total_steps=10, fraction=0.1, stop=2), "stop must be in \\[0, 1\\]"),
-        (dict(interval=1, total_steps=10, fraction=0.1, new_weights="keep"), "new_weights must be one of zero, random"),
-        (dict(interval=1, total_steps=10, threshold=0.1, threshold_decay=0), "threshold_decay must be in"),
-    ],
-)
-def test_bad_configuration_is_named(kwargs, message):
-    with pytest.raises(XMLSparseError, match=message):
-        Rewirer(**kwargs)
+def test_a_threshold_replaces_the_fraction():
+    layer, optimizer = trained()
+    # As config_from_dict gives it: the default fraction stays beside the threshold the config sets.
+    section = config_from_dict({"data": {"dataset": "d"}, "model": {"rewire": {"interval": 1, "threshold": 0.05}}}).model.rewire
+    assert section.fraction == 0.1
+    expected = float((layer.weight.detach().abs() < 0.05).float().mean())
+    assert Rewirer(section, total_steps=10, seed=0).rewire(layer, optimizer) == pytest.approx(expected)
+
+
+def test_the_defaults_are_the_configs():
+    rewirer = Rewirer(RewireConfig(), total_steps=10_000, seed=0)
+    assert (rewirer.interval, rewirer.fraction, rewirer.stop) == (1000, 0.1, 0.66)
+    assert [s for s in range(0, 10_001) if rewirer.due(s)] == [1000, 2000, 3000, 4000, 5000, 6000]
+
+
+@pytest.mark.parametrize("total_steps", [0, 2.5, True])
+def test_total_steps_must_be_a_positive_integer(total_steps):
+    with pytest.raises(XMLSparseError, match="total_steps must be a positive integer"):
+        Rewirer(RewireConfig(), total_steps=total_steps, seed=0)

@@ -6,7 +6,7 @@ import torch
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.nn import sparse_linear
 from xmlsparse.nn.sparse_linear import FixedFanInLinear, redraw_distinct, sample_distinct_indices
-from xmlsparse.ops import reference
+from xmlsparse.ops.fixed_fanin import reference
 
 
 def has_repeats(indices: torch.Tensor) -> bool:
@@ -73,8 +73,6 @@ def test_layer_shapes_buffers_and_state_dict():
     assert not torch.equal(other.indices, layer.indices)
     other.load_state_dict(state)
     assert torch.equal(other.indices, layer.indices) and torch.equal(other.weight, layer.weight)
-    assert layer.memory_bytes() == 333 * 7 * 4 + 333 * 7 * 4 + 333 * 4
-    assert FixedFanInLinear(50, 333, 7, bias=False).memory_bytes() == 333 * 7 * 8
     assert "fan_in=7" in repr(layer) and "in_features=50" in repr(layer)
 
 

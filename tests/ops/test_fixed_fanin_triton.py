@@ -5,7 +5,6 @@ Every output buffer is filled with NaN first, so an element the kernels never wr
 """
 
 import os
-import sys
 
 import pytest
 import torch
@@ -15,9 +14,10 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("the kernel tests run in Triton's interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
 pytest.importorskip("triton")
 
-from xmlsparse.ops import reference  # noqa: E402
-
-ff = sys.modules["xmlsparse.ops.fixed_fanin"]  # the module; the package attribute is the dispatcher
+from xmlsparse.ops.fixed_fanin import reference  # noqa: E402
+from xmlsparse.ops.fixed_fanin import triton_op as ff  # noqa: E402
+from xmlsparse.ops.fixed_fanin.by_input import ByInputCache, build_by_input_index  # noqa: E402
+from xmlsparse.ops.fixed_fanin.plan import Blocks, Plan  # noqa: E402
 
 # (L, K, D, B): ragged shapes, K = 1, B = 1, a batch over 16 (padded h^T rows), several batch blocks.
 SHAPES = [(333, 72, 129, 7), (41, 1, 17, 1), (37, 5, 9, 20), (29, 3, 11, 130)]
@@ -82,30 +82,32 @@ def test_grad_weight(shape, dtypes):
     _assert_close(gw, want, _tolerance(dtypes[0]), "grad_W", gen)
 
 
-@pytest.mark.parametrize("strategy", ff.GRAD_INPUT_STRATEGIES)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("dtypes", DTYPES[:2], ids=DTYPE_IDS[:2])
-def test_grad_input(strategy, shape, dtypes):
+def test_grad_input(shape, dtypes):
     gen = _generator()
     indices, weight, _, h, grad_out = _problem(shape, *dtypes, gen)
     grad_out = grad_out.to(dtypes[0])
     n_inputs = h.shape[1]
-    gh = ff.grad_input(grad_out, indices, weight, n_inputs, strategy=strategy,
+    gh = ff.grad_input(grad_out, indices, weight, n_inputs,
                        out=_nan((h.shape[0], n_inputs), torch.float32), out_dtype=torch.float32)
     want = reference.grad_input(grad_out.double(), indices, weight.double(), n_inputs)
-    _assert_close(gh, want, _tolerance(dtypes[0]), f"grad_h ({strategy})", gen)
+    _assert_close(gh, want, _tolerance(dtypes[0]), "grad_h", gen)
 
 
-def test_grad_input_csc_over_several_label_chunks():
+def test_grad_input_over_several_label_chunks():
     gen = _generator()
     indices, weight, _, h, grad_out = _problem(SHAPES[0], torch.float32, torch.float32, gen)
     n_inputs = h.shape[1]
-    index = ff.build_transposed_index(indices, n_inputs, chunk_labels=100)
-    assert index.n_chunks == 4
-    gh = _nan((h.shape[0], n_inputs), torch.float32)
-    ff._grad_input_csc(grad_out, indices, weight, n_inputs, gh, index=index)
+    cache = ByInputCache()
+    # A plan whose L2 holds the rows of about 100 labels: the by-input index has 4 chunks.
+    per_label = 7 * 4 + 72 * 4
+    plan = Plan(l2_bytes_default=2 * 100 * per_label)
+    gh = ff.grad_input(grad_out, indices, weight, n_inputs, out=_nan((h.shape[0], n_inputs), torch.float32),
+                       plan=plan, by_input=cache)
+    assert cache.index.n_chunks == 4
     want = reference.grad_input(grad_out.double(), indices, weight.double(), n_inputs)
-    _assert_close(gh, want, 1e-5, "grad_h (csc, 4 chunks)", gen)
+    _assert_close(gh, want, 1e-5, "grad_h (4 chunks)", gen)
 
 
 def test_fused_backward_over_several_batch_blocks():
@@ -115,8 +117,9 @@ def test_fused_backward_over_several_batch_blocks():
     n_inputs = h.shape[1]
     gh = _nan((h.shape[0], n_inputs), torch.float32)
     gw = _nan(tuple(weight.shape), torch.float32)
-    ff._grad_input_csc(grad_out, indices, weight, n_inputs, gh, blocks=ff.Blocks(8, 1, 128, 1),
-                       h_t=ff.transpose_padded(h), grad_w=gw)
+    index = build_by_input_index(indices, n_inputs, chunk_labels=indices.shape[0])
+    ff._grad_input_by_input(grad_out, indices, weight, n_inputs, gh, index, Plan(), blocks=Blocks(8, 1, 128, 1),
+                            h_t=ff.transpose_padded(h), grad_w=gw)
     _assert_close(gh, reference.grad_input(grad_out.double(), indices, weight.double(), n_inputs), 1e-5, "grad_h", gen)
     _assert_close(gw, reference.grad_weight(grad_out.double(), h.double(), indices), 1e-5, "grad_W", gen)
 
@@ -129,18 +132,17 @@ def _poisoned(factory):
     return make
 
 
-@pytest.mark.parametrize("strategy", ff.GRAD_INPUT_STRATEGIES)
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3]], ids=[SHAPE_IDS[0], SHAPE_IDS[1], SHAPE_IDS[3]])
 @pytest.mark.parametrize("dtypes", [DTYPES[0], DTYPES[2]], ids=[DTYPE_IDS[0], DTYPE_IDS[2]])
-def test_autograd_matches_reference(strategy, shape, dtypes, monkeypatch):
+@pytest.mark.parametrize("fused_min_batch", [128, 1], ids=["split-grad-w", "fused-grad-w"])
+def test_autograd_matches_reference(shape, dtypes, fused_min_batch, monkeypatch):
     gen = _generator()
     indices, weight, bias, h, grad_out = _problem(shape, *dtypes, gen)
-    ff.clear_transposed_index_cache()
     # Every buffer the op allocates starts as NaN (integers as a large negative number).
     monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
     monkeypatch.setattr(torch, "empty_like", _poisoned(torch.empty_like))
     leaves = [t.clone().requires_grad_(True) for t in (h, weight, bias)]
-    z = ff.fixed_fanin(leaves[0], indices, leaves[1], leaves[2], grad_input_strategy=strategy)
+    z = ff.fixed_fanin(leaves[0], indices, leaves[1], leaves[2], plan=Plan(fused_min_batch=fused_min_batch))
     z.backward(grad_out.to(z.dtype))
     monkeypatch.undo()
 
@@ -151,21 +153,21 @@ def test_autograd_matches_reference(strategy, shape, dtypes, monkeypatch):
     _assert_close(z, z_ref.detach(), tol, "z", gen)
     for name, got, want in zip(("grad_h", "grad_W", "grad_bias"), leaves, oracle):
         assert got.grad.dtype == got.dtype, f"{name} dtype {got.grad.dtype} != {got.dtype}"
-        _assert_close(got.grad, want.grad, tol, f"{name} ({strategy})", gen)
+        _assert_close(got.grad, want.grad, tol, name, gen)
 
 
 @pytest.mark.parametrize("dtypes", [DTYPES[0], DTYPES[2]], ids=[DTYPE_IDS[0], DTYPE_IDS[2]])
-def test_small_l2_paths(dtypes, monkeypatch):
+def test_small_l2_paths(dtypes):
     """An L2 this small cuts the labels of the by-input grad_input into chunks and, with float32 h,
     makes the forward run batch block after batch block and grad_weight split the batch in two."""
     gen = _generator()
     indices, weight, bias, h, grad_out = _problem(SHAPES[3], *dtypes, gen)
-    monkeypatch.setattr(ff, "DEFAULT_L2_BYTES", 3 * 11 * 4 * 128)
-    ff.clear_transposed_index_cache()
+    cache = ByInputCache()
     leaves = [t.clone().requires_grad_(True) for t in (h, weight, bias)]
-    z = ff.fixed_fanin(leaves[0], indices, leaves[1], leaves[2], grad_input_strategy="csc")
+    z = ff.fixed_fanin(leaves[0], indices, leaves[1], leaves[2], by_input=cache,
+                       plan=Plan(l2_bytes_default=3 * 11 * 4 * 128))
     z.backward(grad_out.to(z.dtype))
-    assert ff.transposed_index(indices, h.shape[1], ff.csc_chunk_labels(indices, h.shape[0], z.dtype)).n_chunks > 1
+    assert cache.index.n_chunks > 1
     oracle = [t.double().requires_grad_(True) for t in (h, weight, bias)]
     z_ref = reference.fixed_fanin(oracle[0], indices, oracle[1], oracle[2])
     z_ref.backward(grad_out.to(z.dtype).double())
@@ -189,25 +191,26 @@ def test_autocast_runs_in_bf16_and_keeps_weight_dtype():
     _assert_close(z, want, 1e-2, "z under autocast", gen)
 
 
-def test_transposed_index_cache_follows_in_place_changes():
+def test_by_input_cache_keeps_its_index_until_dropped():
     gen = _generator()
     indices, weight, _, h, grad_out = _problem(SHAPES[0], torch.float32, torch.float32, gen)
     n_inputs = h.shape[1]
-    ff.clear_transposed_index_cache()
-    first = ff.transposed_index(indices, n_inputs, chunk_labels=1000)
-    assert ff.transposed_index(indices, n_inputs, chunk_labels=1000) is first
+    cache = ByInputCache()
+    first = cache.get(indices, n_inputs, chunk_labels=1000)
+    assert cache.get(indices, n_inputs, chunk_labels=1000) is first and cache.nbytes == first.nbytes > 0
+    assert cache.get(indices, n_inputs, chunk_labels=200) is not first  # chunks too large for this batch
     with torch.no_grad():
-        indices[:, 0] = (indices[:, 0] + 1) % n_inputs  # rewiring changes indices in place
-    rebuilt = ff.transposed_index(indices, n_inputs, chunk_labels=1000)
-    assert rebuilt is not first
-    gh = ff.grad_input(grad_out, indices, weight, n_inputs, strategy="csc")
+        indices[:, 0] = (indices[:, 0] + 1) % n_inputs  # what rewiring does, then drops the index
+    cache.drop()
+    assert cache.nbytes == 0
+    gh = ff.grad_input(grad_out, indices, weight, n_inputs, by_input=cache)
     want = reference.grad_input(grad_out.double(), indices, weight.double(), n_inputs)
     _assert_close(gh, want, 1e-5, "grad_h after rewiring", gen)
 
 
-def test_transposed_index_groups_slots_by_chunk_and_input():
+def test_by_input_index_groups_slots_by_chunk_and_input():
     indices = torch.tensor([[2, 0], [2, 2], [1, 0]], dtype=torch.int32)
-    index = ff.build_transposed_index(indices, n_inputs=3, chunk_labels=2)
+    index = build_by_input_index(indices, n_inputs=3, chunk_labels=2)
     assert index.n_chunks == 2
     # chunk 0 (labels 0, 1): input 0 <- slot 1; input 2 <- slots 0, 2, 3. Chunk 1: input 0 <- 5, 1 <- 4.
     assert index.offsets.tolist() == [0, 1, 1, 4, 5, 6, 6]
@@ -222,7 +225,5 @@ def test_bad_inputs_raise():
         ff.fixed_fanin(h, indices.long(), weight)
     with pytest.raises(ValueError, match="weight shape"):
         ff.fixed_fanin(h, indices, weight[:, :1])
-    with pytest.raises(ValueError, match="strategy"):
-        ff.grad_input(torch.randn(3, 4), indices, weight, 5, strategy="dense")
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
-        ff.build_transposed_index(indices + 5, 5, chunk_labels=4)
+        build_by_input_index(indices + 5, 5, chunk_labels=4)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from xmlsparse.ops import fixed_fanin as dispatched_fixed_fanin
-from xmlsparse.ops import reference
+from xmlsparse.ops.fixed_fanin import fixed_fanin as dispatched_fixed_fanin
+from xmlsparse.ops.fixed_fanin import reference
 
 
 def make_case(batch, n_inputs, n_labels, fan_in, dtype, seed=0, repeats=False, bias=True):
@@ -78,23 +78,22 @@ def test_gradcheck(bias):
     assert torch.autograd.gradcheck(reference.fixed_fanin, inputs)
 
 
-def test_tiny_chunks_give_identical_results(monkeypatch):
+def test_tiny_chunks_give_identical_results():
     h, indices, weight, b = make_case(7, 129, 333, 72, torch.float64, seed=5)
     grad_out = torch.randn(7, 333, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
 
-    def all_outputs():
+    def all_outputs(chunk_elements=reference.CHUNK_ELEMENTS):
         return (
-            reference.forward(h, indices, weight, b),
-            reference.grad_input(grad_out, indices, weight, 129),
-            reference.grad_weight(grad_out, h, indices),
+            reference.forward(h, indices, weight, b, chunk_elements),
+            reference.grad_input(grad_out, indices, weight, 129, chunk_elements),
+            reference.grad_weight(grad_out, h, indices, chunk_elements),
         )
 
     whole = all_outputs()
     # 7 * 72 = 504 elements per label: 5 labels per chunk, and 333 is no multiple of 5.
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 2600)
-    assert reference.label_chunk(7, 72) == 5
+    assert reference.label_chunk(7, 72, 2600) == 5
     # Equal up to the summation order that matmul kernels pick for a given chunk size.
-    for chunked, single in zip(all_outputs(), whole):
+    for chunked, single in zip(all_outputs(2600), whole):
         torch.testing.assert_close(chunked, single, rtol=1e-13, atol=1e-13)
 
 

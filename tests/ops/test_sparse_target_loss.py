@@ -5,7 +5,7 @@ import torch
 
 from xmlsparse.ops import sparse_target_loss
 from xmlsparse.ops.sparse_target_loss import SparseTargetLossTriton, loss_and_grad
-from xmlsparse.train.losses import LOSSES, label_positions, loss_fn
+from xmlsparse.train.losses import LOSSES, TRITON_LOSSES, label_positions, loss_fn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Both paths evaluate in float32; bf16 gradients may differ by the rounding of one bf16 ulp.
@@ -39,7 +39,7 @@ def torch_loss_and_grad(name, logits, y_indices, y_ptr, upstream=1.0):
     return value.detach(), grad
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(TRITON_LOSSES))
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("batch", [1, 3, 7])
 @pytest.mark.parametrize("n_labels", [1, 5, 333])
@@ -65,7 +65,7 @@ def test_loss_and_gradient_match_the_torch_loss(name, dtype, batch, n_labels):
     torch.testing.assert_close(grad, expected_grad, **GRAD_TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(TRITON_LOSSES))
 def test_several_programs_and_label_lists(name, monkeypatch):
     monkeypatch.setattr(sparse_target_loss, "BLOCK_LOGITS", 32)  # 73 programs, the last one partial
     monkeypatch.setattr(sparse_target_loss, "BLOCK_POSITIVES", 4)
@@ -79,7 +79,7 @@ def test_several_programs_and_label_lists(name, monkeypatch):
     torch.testing.assert_close(grad, expected_grad, **GRAD_TOLERANCE[torch.float32])
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(TRITON_LOSSES))
 def test_rows_with_a_stride_and_no_labels_at_all(name):
     generator = torch.Generator().manual_seed(7)
     wide = random_logits(4, 300, torch.float32, generator)
@@ -92,7 +92,7 @@ def test_rows_with_a_stride_and_no_labels_at_all(name):
     torch.testing.assert_close(grad, expected_grad, **GRAD_TOLERANCE[torch.float32])
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(TRITON_LOSSES))
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_loss_fn_triton_backward_keeps_only_the_gradient(name, dtype):
     dtype = DTYPES[dtype]
@@ -111,7 +111,7 @@ def test_loss_fn_triton_backward_keeps_only_the_gradient(name, dtype):
     torch.testing.assert_close(logits.grad, expected_grad, **SCALED_GRAD_TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(TRITON_LOSSES))
 def test_consumed_logits_become_their_gradient(name):
     generator = torch.Generator().manual_seed(13)
     y_indices, y_ptr = random_labels(6, 50, generator)
@@ -137,7 +137,7 @@ def test_consuming_logits_that_autograd_saved_fails_loudly():
         (value + squared.sum()).backward()
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(TRITON_LOSSES))
 def test_torch_path_takes_bf16_logits_as_their_float32_copy(name):
     """The trainer passes bf16 logits straight to the loss; the torch path must give what the
     float32 copy it used to make gave."""

@@ -2,16 +2,39 @@
 that takes its Adam step inside its own backward (Triton kernels interpreted on CPU)."""
 
 import copy
-import sys
 
 import pytest
 import torch
 
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
-from xmlsparse.ops import reference
-from xmlsparse.train.compact_adam import BackwardUpdate, CompactAdam
+from xmlsparse.ops.fixed_fanin.plan import Plan
+from xmlsparse.train.compact_adam import AdamGradSink, CompactAdam
 
-ff = sys.modules["xmlsparse.ops.fixed_fanin"]  # the module; the package attribute is the dispatcher
+
+class RecordingSink(AdamGradSink):
+    """``AdamGradSink`` that notes the size of each range it is handed."""
+
+    def __init__(self, optimizer, param, held):
+        super().__init__(optimizer, param)
+        self.held = held
+
+    def take(self, start, stop, grad):
+        self.held.append(grad.numel())
+        super().take(start, stop, grad)
+
+
+class BufferedSink:
+    """``AdamGradSink`` without ``take_fused``: the op hands it buffered ranges only."""
+
+    def __init__(self, optimizer, param):
+        self.inner = AdamGradSink(optimizer, param)
+        self.dtype = self.inner.dtype
+
+    def open(self):
+        self.inner.open()
+
+    def take(self, start, stop, grad):
+        self.inner.take(start, stop, grad)
 
 
 def quadratic_problem(seed: int = 0):
@@ -71,7 +94,7 @@ def test_skips_parameters_without_gradient_and_rejects_strangers():
     opt.step()
     assert not opt.state[a]
     with pytest.raises(ValueError, match="not managed"):
-        BackwardUpdate(opt, b)
+        AdamGradSink(opt, b)
     with pytest.raises(ValueError, match="invalid Adam settings"):
         CompactAdam([a], betas=(0.9, 1.0))
 
@@ -85,22 +108,20 @@ def head_problem(batch: int, impl: str, n_labels=37, n_inputs=29, fan_in=6, seed
 
 
 @pytest.mark.parametrize(
-    ("impl", "batch", "strategy"),
+    ("impl", "batch"),
     [
-        ("triton", 5, "csc"),  # by-input grad_h, grad_W pass, then the Adam kernel
-        ("triton", 130, "csc"),  # grad_W from the by-input pass
-        ("triton", 600, "csc"),  # more than one batch block: grad_W summed in fp32 first
-        ("triton", 5, "atomic"),
-        ("reference", 5, "csc"),
+        ("triton", 5),  # by-input grad_h, then the grad_W pass taking the Adam step
+        ("triton", 130),  # grad_W from the by-input pass
+        ("triton", 600),  # more than one batch block: grad_W summed in fp32 first
+        ("reference", 5),
     ],
 )
-def test_head_update_in_backward_equals_a_plain_step(impl, batch, strategy, monkeypatch):
-    monkeypatch.setattr(ff, "DEFAULT_GRAD_INPUT_STRATEGY", strategy)
+def test_head_update_in_backward_equals_a_plain_step(impl, batch):
     fused, h, grad_out = head_problem(batch, impl)
     plain = copy.deepcopy(fused)
     fused_opt = CompactAdam(fused.parameters(), lr=0.05, weight_decay=0.01)
     plain_opt = CompactAdam(plain.parameters(), lr=0.05, weight_decay=0.01)
-    fused.update_weight_in_backward(BackwardUpdate(fused_opt, fused.weight))
+    fused.grad_weight_sink = AdamGradSink(fused_opt, fused.weight)
     for step in range(3):
         if step:
             # Start both from the same state: the moments' rounding bits differ between the paths.
@@ -132,13 +153,13 @@ def test_head_update_in_backward_equals_a_plain_step(impl, batch, strategy, monk
     assert fused_opt.state[fused.weight]["step"] == 3
 
 
-def step_with_and_without_update_in_backward(fused, h, grad_out):
+def step_with_and_without_update_in_backward(fused, h, grad_out, sink=AdamGradSink, **sink_args):
     """One step of ``fused`` with its Adam step in its backward, and of a plain copy (backward, then
     ``CompactAdam.step`` on the gradient rounded to bf16, as the backward's update reads it);
     returns the fused layer's optimizer and the plain copy."""
     plain = copy.deepcopy(fused)
     fused_opt, plain_opt = CompactAdam(fused.parameters(), lr=0.1), CompactAdam(plain.parameters(), lr=0.1)
-    fused.update_weight_in_backward(BackwardUpdate(fused_opt, fused.weight))
+    fused.grad_weight_sink = sink(fused_opt, fused.weight, **sink_args)
     for layer, opt in ((fused, fused_opt), (plain, plain_opt)):
         layer(h.clone().requires_grad_()).backward(grad_out)
         if layer.weight.grad is not None:
@@ -147,65 +168,55 @@ def step_with_and_without_update_in_backward(fused, h, grad_out):
     return fused_opt, plain
 
 
-def test_several_label_chunks_update_every_slot_once(monkeypatch):
+def test_several_label_chunks_update_every_slot_once():
     """An L2 this small cuts the labels into chunks for the by-input pass."""
-    monkeypatch.setattr(ff, "DEFAULT_L2_BYTES", 2048)
-    ff.clear_transposed_index_cache()
     fused, h, grad_out = head_problem(4, "triton", n_labels=50)
+    fused.plan = Plan(l2_bytes_default=2048)
     _, plain = step_with_and_without_update_in_backward(fused, h, grad_out)
-    ff.clear_transposed_index_cache()
     torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
-    ("impl", "batch", "strategy", "l2_bytes", "ranges"),
+    ("impl", "batch", "l2_bytes", "ranges"),
     [
-        ("triton", 5, "csc", None, 0),  # the grad_W pass takes the step itself: no buffer
-        ("triton", 100, "csc", None, 10),  # two batch blocks: grad_W range by range
-        ("triton", 130, "csc", None, 1),  # one by-input launch: all labels fit one chunk
-        ("triton", 130, "csc", 4096, 13),  # by-input launches, one 3-label chunk each
-        ("triton", 600, "csc", 8192, 10),  # ... with grad_W summed over batch blocks in fp32
-        ("triton", 5, "atomic", None, 10),
-        ("triton", 0, "csc", None, 10),  # an empty batch still steps (momentum, weight decay)
-        ("reference", 5, "csc", None, None),
+        ("triton", 5, None, 0),  # the grad_W pass takes the step itself: no buffer
+        ("triton", 100, None, 10),  # two batch blocks: grad_W range by range
+        ("triton", 130, None, 1),  # one by-input launch: all labels fit one chunk
+        ("triton", 130, 4096, 13),  # by-input launches, one 3-label chunk each
+        ("triton", 600, 8192, 10),  # ... with grad_W summed over batch blocks in fp32
+        ("triton", 0, None, 10),  # an empty batch still steps (momentum, weight decay)
+        ("reference", 5, None, 13),  # 3 labels a chunk
     ],
 )
-def test_update_taken_range_by_range_equals_one_step(impl, batch, strategy, l2_bytes, ranges, monkeypatch):
+def test_update_taken_range_by_range_equals_one_step(impl, batch, l2_bytes, ranges):
     """With ranges of a few labels the backward never holds the whole weight's gradient, and the
     weights end where a plain backward and CompactAdam.step put them."""
-    monkeypatch.setattr(ff, "DEFAULT_GRAD_INPUT_STRATEGY", strategy)
-    monkeypatch.setattr(ff, "UPDATE_RANGE_SLOTS", 4 * 6)  # 4 labels of fan-in 6
-    if l2_bytes is not None:
-        monkeypatch.setattr(ff, "DEFAULT_L2_BYTES", l2_bytes)
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 3 * 6 * max(batch, 1))  # 3 labels a chunk
     held = []
-    make = ff._update_grad
-    monkeypatch.setattr(ff, "_update_grad", lambda n, k, device: held.append(n * k) or make(n, k, device))
-    ff.clear_transposed_index_cache()
     fused, h, grad_out = head_problem(batch, impl)
-    fused_opt, plain = step_with_and_without_update_in_backward(fused, h, grad_out)
-    ff.clear_transposed_index_cache()
+    fused.plan = Plan(sink_range_slots=4 * 6,  # 4 labels of fan-in 6
+                      reference_chunk_elements=3 * 6 * max(batch, 1),  # 3 labels a chunk
+                      **({} if l2_bytes is None else {"l2_bytes_default": l2_bytes}))
+    fused_opt, plain = step_with_and_without_update_in_backward(fused, h, grad_out, RecordingSink, held=held)
     torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-5, atol=1e-6)
     assert fused_opt.state[fused.weight]["step"] == 1
-    if ranges is not None:  # the Triton paths: each slot's gradient held once, a range at a time
-        assert len(held) == ranges and sum(held) == (fused.weight.numel() if ranges else 0)
+    # Each slot's gradient held once, a range at a time.
+    assert len(held) == ranges and sum(held) == (fused.weight.numel() if ranges else 0)
 
 
 @pytest.mark.parametrize("batch", [1, 40])
 def test_step_inside_the_grad_weight_pass_equals_the_buffered_one(batch, monkeypatch):
     """Same gradient rounding, same Philox bits: the in-pass step and the buffered step agree
     exactly, weights and both moments."""
-    from xmlsparse.ops import adam, adam_kernels
+    from xmlsparse.ops import adam_kernels
+    from xmlsparse.train import compact_adam
 
     # On CPU tensors the buffered step would take the torch form (other rounding bits): the kernel.
-    monkeypatch.setattr(adam, "apply_adam_", adam_kernels.adam_step_)
+    monkeypatch.setattr(compact_adam, "apply_adam_", adam_kernels.adam_step_)
     results = []
-    for in_pass in (True, False):
-        if not in_pass:
-            monkeypatch.setattr(ff, "_grad_weight_step_fits", lambda *args: False)
+    for sink in (AdamGradSink, BufferedSink):
         layer, h, grad_out = head_problem(batch, "triton")
         opt = CompactAdam(layer.parameters(), lr=0.1, weight_decay=0.01, decoupled=True, seed=5)
-        layer.update_weight_in_backward(BackwardUpdate(opt, layer.weight))
+        layer.grad_weight_sink = sink(opt, layer.weight)
         for _ in range(2):
             layer(h.clone().requires_grad_()).backward(grad_out)
             opt.step()
@@ -218,7 +229,7 @@ def test_step_inside_the_grad_weight_pass_equals_the_buffered_one(batch, monkeyp
 def test_evaluation_and_no_grad_leave_the_weights_alone():
     layer, h, _ = head_problem(3, "triton")
     opt = CompactAdam(layer.parameters(), lr=0.1)
-    layer.update_weight_in_backward(BackwardUpdate(opt, layer.weight))
+    layer.grad_weight_sink = AdamGradSink(opt, layer.weight)
     before = layer.weight.detach().clone()
     with torch.no_grad():
         layer(h)

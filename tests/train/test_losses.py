@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from xmlsparse.config import CHOICES
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.train import losses
 from xmlsparse.train.losses import bce_loss, label_positions, loss_fn, softmax_loss, squared_hinge_loss
@@ -143,3 +144,7 @@ def test_cuda_bf16_logits_match_the_cpu_loss(name):
     loss.backward()
     torch.testing.assert_close(loss.cpu(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cuda.grad.float().cpu(), cpu.grad, rtol=1e-2, atol=1e-9)
+
+
+def test_every_loss_a_config_may_name_exists_and_no_other():
+    assert tuple(losses.LOSSES) == CHOICES["train.loss"]

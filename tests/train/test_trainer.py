@@ -99,7 +99,7 @@ def test_run_directory_holds_config_metrics_checkpoints_and_final(tmp_path, tiny
 def test_bf16_moments_and_head_update_in_backward_train_and_resume(tmp_path, tiny_data):
     optimizer = {"lr": 3.0e-3, "moments": "bfloat16", "head_update_in_backward": True}
     whole_run = start_run(load_config(tiny_config(tmp_path, tiny_data, optimizer=optimizer)), tmp_path / "whole")
-    assert whole_run.model.head.weight_update is not None
+    assert whole_run.model.head.grad_weight_sink is not None
     whole = whole_run.fit()
     memory = whole["memory"]
     # Two bf16 moments per weight: the parameters' bytes, half of torch's Adam state.

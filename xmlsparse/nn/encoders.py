@@ -11,10 +11,14 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from xmlsparse.config import ACTIVATION_NAMES
 from xmlsparse.data.batches import Batch
 from xmlsparse.errors import XMLSparseError
 
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+# The module of each activation name. The names, the choices every ``activation`` key of a config
+# is checked against, are config.ACTIVATION_NAMES: a name added there without a module here fails
+# at import, not when a model first asks for it.
+_MODULES: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
     "tanh": nn.Tanh,
@@ -24,6 +28,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "leaky-relu": nn.LeakyReLU,
     "identity": nn.Identity,
 }
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {name: _MODULES[name] for name in ACTIVATION_NAMES}
 
 
 def make_activation(name: str, key: str = "activation") -> nn.Module:
@@ -34,22 +39,13 @@ def make_activation(name: str, key: str = "activation") -> nn.Module:
 
 
 def _dropout(p: float) -> nn.Module:
-    if not 0.0 <= p < 1.0:
-        raise XMLSparseError(f"dropout must be in [0, 1), got {p!r}")
     return nn.Dropout(p) if p > 0 else nn.Identity()
-
-
-def _check_sizes(hidden: Sequence[int], key: str) -> list[int]:
-    sizes = list(hidden)
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-        raise XMLSparseError(f"{key}: layer sizes must be positive integers, got {sizes!r}")
-    return sizes
 
 
 def _mlp(in_dim: int, hidden: Sequence[int], dropout: float, activation: str) -> nn.Sequential:
     """Linear -> activation -> dropout for each size in ``hidden``."""
     layers: list[nn.Module] = []
-    for size in _check_sizes(hidden, "hidden"):
+    for size in hidden:
         layers += [nn.Linear(in_dim, size), make_activation(activation), _dropout(dropout)]
         in_dim = size
     return nn.Sequential(*layers)

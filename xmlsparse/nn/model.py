@@ -1,5 +1,6 @@
 """The classifier: encoder -> optional dense intermediate layer -> output head, built from the
-``model:`` section of the config."""
+``model:`` section of the config (:class:`xmlsparse.config.ModelConfig`), whose defaults, choices
+and ranges ``xmlsparse.config`` holds and checks."""
 
 from __future__ import annotations
 
@@ -10,35 +11,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from xmlsparse.config import CHOICES, EncoderConfig, HeadConfig, ModelConfig, check_model_fits
 from xmlsparse.data.batches import Batch
 from xmlsparse.errors import XMLSparseError
-from xmlsparse.nn.encoders import ACTIVATIONS, BowEncoder, DenseEncoder, make_activation
+from xmlsparse.nn.encoders import BowEncoder, DenseEncoder, make_activation
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
-from xmlsparse.ops import IMPLS, fixed_fanin
 
 PARTS = ("encoder", "intermediate", "head")
-HEAD_TYPES = ("fixed-fanin", "dense", "bottleneck")
-FEATURE_KINDS = ("bow", "dense")
-
-# Keys each subsection understands, with their defaults. A key set to None takes its default, so
-# a section written out in full by the config schema (every head key, whatever the head type)
-# is accepted as well as a short hand-written one.
-ENCODER_DEFAULTS: dict[str, Any] = {
-    "type": None,  # None: the kind of the data's features
-    "dim": 512,  # bow embedding size
-    "input_dropout": 0.0,  # bow: share of a document's words dropped in training
-    "hidden": [],
-    "dropout": 0.1,
-    "activation": "relu",
-}
-INTERMEDIATE_DEFAULTS: dict[str, Any] = {"size": 65536, "activation": "relu"}
-HEAD_DEFAULTS: dict[str, Any] = {
-    "type": "fixed-fanin",
-    "fan_in": 64,
-    "rank": 64,
-    "activation": "relu",
-    "impl": "auto",
-}
 
 
 def _nbytes(tensors) -> int:
@@ -81,12 +60,10 @@ class XMCModel(nn.Module):
         n_labels = head.out_features
         for start in range(0, n_labels, block):
             stop = min(start + block, n_labels)
-            bias = None if head.bias is None else head.bias[start:stop]
             if isinstance(head, FixedFanInLinear):
-                logits = fixed_fanin(h, head.indices[start:stop], head.weight[start:stop], bias, impl=head.impl)
+                yield start, head.logits(h, start, stop)
             else:
-                logits = F.linear(h, head.weight[start:stop], bias)
-            yield start, logits
+                yield start, F.linear(h, head.weight[start:stop], None if head.bias is None else head.bias[start:stop])
 
     def parts(self) -> dict[str, nn.Module]:
         """The model's parts by name (``intermediate`` left out when there is none)."""
@@ -128,109 +105,45 @@ class XMCModel(nn.Module):
         return report
 
 
-def _section(cfg: Mapping[str, Any] | None, defaults: dict[str, Any], key: str) -> dict[str, Any]:
-    """``cfg`` merged over ``defaults``; unknown keys are an error naming ``key``."""
-    if cfg is None:
-        cfg = {}
-    if not isinstance(cfg, Mapping):
-        raise XMLSparseError(f"{key} must be a mapping, got {cfg!r}")
-    unknown = sorted(set(cfg) - set(defaults))
-    if unknown:
-        raise XMLSparseError(f"unknown key {key}.{unknown[0]} (valid keys here: {', '.join(defaults)})")
-    return {name: default if cfg.get(name) is None else cfg[name] for name, default in defaults.items()}
+def _build_encoder(cfg: EncoderConfig, n_features: int, feature_kind: str) -> nn.Module:
+    if (cfg.type or feature_kind) == "bow":
+        return BowEncoder(n_features, cfg.dim, cfg.hidden, cfg.dropout, cfg.activation, cfg.input_dropout)
+    return DenseEncoder(n_features, cfg.hidden, cfg.dropout, cfg.activation)
 
 
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise XMLSparseError(f"{key} must be a positive integer, got {value!r}")
-    return value
-
-
-def _activation_name(value: Any, key: str) -> str:
-    if not isinstance(value, str) or value not in ACTIVATIONS:
-        raise XMLSparseError(f"{key}: unknown activation {value!r}; expected one of {', '.join(ACTIVATIONS)}")
-    return value
-
-
-def _dropout_rate(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise XMLSparseError(f"{key} must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-def _build_encoder(cfg: dict[str, Any], n_features: int, feature_kind: str) -> nn.Module:
-    kind = cfg["type"] or feature_kind
-    if kind not in FEATURE_KINDS:
-        raise XMLSparseError(f"model.encoder.type must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
-    if kind != feature_kind:
-        raise XMLSparseError(
-            f"model.encoder.type is {kind!r} but the data's features are {feature_kind!r} (data.features); "
-            "they must agree"
-        )
-    hidden = cfg["hidden"]
-    if not isinstance(hidden, (list, tuple)):
-        raise XMLSparseError(f"model.encoder.hidden must be a list of layer sizes, got {hidden!r}")
-    for size in hidden:
-        _positive_int(size, "model.encoder.hidden entries")
-    dropout = _dropout_rate(cfg["dropout"], "model.encoder.dropout")
-    activation = _activation_name(cfg["activation"], "model.encoder.activation")
-    if kind == "bow":
-        dim = _positive_int(cfg["dim"], "model.encoder.dim")
-        input_dropout = _dropout_rate(cfg["input_dropout"], "model.encoder.input_dropout")
-        return BowEncoder(n_features, dim, hidden, dropout, activation, input_dropout)
-    return DenseEncoder(n_features, hidden, dropout, activation)
-
-
-def _build_head(cfg: dict[str, Any], in_features: int, n_labels: int, impl: str) -> nn.Module:
-    kind = cfg["type"]
-    if kind == "fixed-fanin":
-        fan_in = _positive_int(cfg["fan_in"], "model.head.fan_in")
-        if fan_in > in_features:
-            raise XMLSparseError(
-                f"model.head.fan_in = {fan_in} exceeds the {in_features} inputs the head reads "
-                "(the intermediate size, or the encoder's output size without one)"
-            )
-        if impl not in IMPLS:
-            raise XMLSparseError(f"model.head.impl must be one of {', '.join(IMPLS)}, got {impl!r}")
-        return FixedFanInLinear(in_features, n_labels, fan_in, impl=impl)
-    if kind == "dense":
+def _build_head(cfg: HeadConfig, in_features: int, n_labels: int, impl: str) -> nn.Module:
+    if cfg.type == "fixed-fanin":
+        return FixedFanInLinear(in_features, n_labels, cfg.fan_in, impl=impl)
+    if cfg.type == "dense":
         return nn.Linear(in_features, n_labels)
-    if kind == "bottleneck":
-        rank = _positive_int(cfg["rank"], "model.head.rank")
-        activation = make_activation(_activation_name(cfg["activation"], "model.head.activation"))
-        return nn.Sequential(nn.Linear(in_features, rank), activation, nn.Linear(rank, n_labels))
-    raise XMLSparseError(f"model.head.type must be one of {', '.join(HEAD_TYPES)}, got {kind!r}")
+    if cfg.type == "bottleneck":
+        return nn.Sequential(nn.Linear(in_features, cfg.rank), make_activation(cfg.activation), nn.Linear(cfg.rank, n_labels))
+    # A section made in code rather than read by config_from_dict has had no check of its choices.
+    raise XMLSparseError(f"model.head.type = {cfg.type!r}: expected one of {', '.join(CHOICES['model.head.type'])}")
 
 
 def build_model(
-    model_cfg: Mapping[str, Any],
+    model_cfg: ModelConfig,
     n_features: int,
     n_labels: int,
     feature_kind: str,
     impl: str | None = None,
 ) -> XMCModel:
-    """The model described by the config's ``model:`` section (a plain mapping).
+    """The model described by the config's ``model:`` section, as ``config_from_dict`` (or
+    ``load_config``) validated it: ``build_model(config.model, ..., config.data.features)``.
 
     ``n_features`` is the vocabulary size for ``bow`` features and the row width for ``dense``
     ones. ``impl`` (auto | triton | reference) picks the fixed fan-in op, overriding
-    ``model.head.impl``. Other keys of the section (``rewire``) belong to other modules.
+    ``model.head.impl``. The ``rewire`` subsection belongs to the trainer.
     """
-    if feature_kind not in FEATURE_KINDS:
-        raise XMLSparseError(f"data.features must be one of {', '.join(FEATURE_KINDS)}, got {feature_kind!r}")
-    _positive_int(n_features, "the number of features")
-    _positive_int(n_labels, "the number of labels")
-    encoder_cfg = _section(model_cfg.get("encoder"), ENCODER_DEFAULTS, "model.encoder")
-    encoder = _build_encoder(encoder_cfg, n_features, feature_kind)
+    # Only now is the width of dense features known, which may be what the head reads.
+    check_model_fits(model_cfg, feature_kind, n_features)
+    encoder = _build_encoder(model_cfg.encoder, n_features, feature_kind)
     width = encoder.out_dim
-
     intermediate = None
-    if model_cfg.get("intermediate") is not None:
-        cfg = _section(model_cfg["intermediate"], INTERMEDIATE_DEFAULTS, "model.intermediate")
-        size = _positive_int(cfg["size"], "model.intermediate.size")
-        activation = make_activation(_activation_name(cfg["activation"], "model.intermediate.activation"))
-        intermediate = nn.Sequential(nn.Linear(width, size), activation)
+    if model_cfg.intermediate is not None:
+        size = model_cfg.intermediate.size
+        intermediate = nn.Sequential(nn.Linear(width, size), make_activation(model_cfg.intermediate.activation))
         width = size
-
-    head_cfg = _section(model_cfg.get("head"), HEAD_DEFAULTS, "model.head")
-    head = _build_head(head_cfg, width, n_labels, impl if impl is not None else head_cfg["impl"])
+    head = _build_head(model_cfg.head, width, n_labels, impl if impl is not None else model_cfg.head.impl)
     return XMCModel(encoder, intermediate, head)

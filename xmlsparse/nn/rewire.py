@@ -25,10 +25,10 @@ import math
 
 import torch
 
+from xmlsparse.config import RewireConfig
 from xmlsparse.errors import XMLSparseError
-from xmlsparse.nn.sparse_linear import FixedFanInLinear, redraw_distinct
+from xmlsparse.nn.sparse_linear import FixedFanInLinear
 
-NEW_WEIGHTS = ("zero", "random")
 # Slots of the weight handled at once when selecting the slots to prune. The selection runs over
 # pieces of the flattened weight so that its temporaries stay near 13 bytes a slot of one piece
 # (up to 24 bytes a tie when listing at most this many ties) beside the bool [L, K] mask it
@@ -80,53 +80,27 @@ def reset_optimizer_slots(optimizer: torch.optim.Optimizer | None, parameter: to
 
 
 class Rewirer:
-    """Schedules and performs rewiring rounds of a :class:`FixedFanInLinear` layer.
+    """Schedules and performs rewiring rounds of a :class:`FixedFanInLinear` layer, as the config's
+    ``model.rewire`` section (``section``, validated by ``xmlsparse.config``) says.
 
     ``interval``: optimizer steps between rounds. ``total_steps``: steps planned for the run.
-    ``fraction``: share of all slots pruned per round, or ``threshold``: prune ``|W| < threshold``
-    (exactly one of the two), the threshold multiplied by ``threshold_decay`` after every round.
-    ``stop``: share of ``total_steps`` after which rounds stop. ``new_weights``: ``zero`` | ``random``.
+    ``fraction``: share of all slots pruned per round, unless ``threshold`` is given: then
+    ``|W| < threshold`` is pruned instead, the threshold multiplied by ``threshold_decay`` after
+    every round. ``stop``: share of ``total_steps`` after which rounds stop. ``new_weights``:
+    ``zero`` | ``random``. ``seed`` (the run's) seeds every round's random numbers.
     """
 
-    def __init__(
-        self,
-        *,
-        interval: int,
-        total_steps: int,
-        fraction: float | None = None,
-        threshold: float | None = None,
-        threshold_decay: float = 1.0,
-        stop: float = 1.0,
-        new_weights: str = "zero",
-        seed: int = 0,
-    ) -> None:
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise XMLSparseError(f"rewire interval must be a positive number of optimizer steps, got {interval!r}")
+    def __init__(self, section: RewireConfig, *, total_steps: int, seed: int) -> None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise XMLSparseError(f"rewire total_steps must be a positive integer, got {total_steps!r}")
-        if (fraction is None) == (threshold is None):
-            raise XMLSparseError(
-                f"rewiring needs exactly one of fraction or threshold, got fraction={fraction!r}, threshold={threshold!r}"
-            )
-        if fraction is not None and not 0.0 < fraction <= 1.0:
-            raise XMLSparseError(f"rewire fraction must be in (0, 1], got {fraction!r}")
-        if threshold is not None and not threshold >= 0.0:
-            raise XMLSparseError(f"rewire threshold must be >= 0, got {threshold!r}")
-        if not 0.0 < threshold_decay <= 1.0:
-            raise XMLSparseError(f"rewire threshold_decay must be in (0, 1], got {threshold_decay!r}")
-        if not 0.0 <= stop <= 1.0:
-            raise XMLSparseError(f"rewire stop must be in [0, 1], got {stop!r}")
-        if new_weights not in NEW_WEIGHTS:
-            raise XMLSparseError(
-                f"rewire new_weights must be one of {', '.join(NEW_WEIGHTS)}, got {new_weights!r}"
-            )
-        self.interval = interval
+        self.interval = section.interval
         self.total_steps = total_steps
-        self.fraction = fraction
-        self.threshold = threshold
-        self.threshold_decay = threshold_decay
-        self.stop = stop
-        self.new_weights = new_weights
+        # The two rules are alternatives: a threshold, when given, replaces the fraction.
+        self.fraction = section.fraction if section.threshold is None else None
+        self.threshold = section.threshold
+        self.threshold_decay = section.threshold_decay
+        self.stop = section.stop
+        self.new_weights = section.new_weights
         self.seed = seed
         self.rounds = 0
 
@@ -162,7 +136,7 @@ class Rewirer:
         # Counted piece by piece: a bool tensor's sum() first makes an int64 copy (8 bytes a slot).
         n_pruned = sum(int(piece.sum()) for piece in pruned.view(-1).split(SELECT_CHUNK_SLOTS))
         if n_pruned:
-            redraw_distinct(indices, pruned, layer.in_features, generator)
+            layer.redraw_connections(pruned, generator)
             if self.new_weights == "zero":
                 weight.masked_fill_(pruned, 0)
             else:

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from xmlsparse.errors import XMLSparseError
-from xmlsparse.ops import IMPLS, fixed_fanin, release_backward_index
-from xmlsparse.ops.adam import WeightUpdate
+from xmlsparse.ops import IMPLS
+from xmlsparse.ops.fixed_fanin import ByInputCache, GradWeightSink, Plan, fixed_fanin
+from xmlsparse.ops.fixed_fanin.plan import DEFAULT_PLAN
 
 # Elements of the largest temporary block one chunk of rows may create while sampling.
 SAMPLING_CHUNK_ELEMENTS = 1 << 22
@@ -126,7 +127,11 @@ class FixedFanInLinear(nn.Module):
 
     Initialisation follows ``nn.Linear`` with the layer's true fan-in ``K``: weight and bias are
     ``U(-1/sqrt(K), 1/sqrt(K))``, so the output variance matches a dense layer reading K inputs.
-    ``indices`` is a buffer (int32, saved in the state dict), not a parameter.
+    ``indices`` is a buffer (int32, saved in the state dict), not a parameter. The layer keeps the
+    by-input copy of its indices that the Triton backward walks (``by_input``) and drops it
+    whenever its connections change: through ``redraw_connections``, ``reset_parameters``,
+    ``load_state_dict`` or a move to another device. Code that writes ``indices`` any other way
+    must call ``connections_changed``.
     """
 
     def __init__(
@@ -157,23 +162,39 @@ class FixedFanInLinear(nn.Module):
         )
         self.weight = nn.Parameter(torch.empty(out_features, fan_in, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        self.weight_update: WeightUpdate | None = None
+        # Where training steps send the weight's gradient instead of weight.grad (an optimizer's
+        # sink takes its step there, range by range); None: plain gradients.
+        self.grad_weight_sink: GradWeightSink | None = None
+        self.by_input = ByInputCache()
+        self.plan: Plan = DEFAULT_PLAN  # the op's tiles and thresholds (tests and benchmarks set others)
         self.reset_parameters(generator)
 
-    def update_weight_in_backward(self, update: WeightUpdate | None) -> None:
-        """Let the backward of training steps apply ``update`` (the optimizer's handle on
-        ``self.weight``, e.g. ``CompactAdam``'s) instead of keeping the weight's gradient for the
-        optimizer step: the ``[L, K]`` gradient exists only inside the backward, in bf16, and the
-        optimizer step skips the weight. None restores plain gradients."""
-        self.weight_update = update
+    def connections_changed(self) -> None:
+        """Drop what was derived from the indices (the by-input index; rebuilt when needed)."""
+        self.by_input.drop()
+
+    @torch.no_grad()
+    def redraw_connections(self, free: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Give the slots where ``free [L, K]`` is True new random inputs that their rows do not
+        read yet (``redraw_distinct``)."""
+        redraw_distinct(self.indices, free, self.in_features, generator)
+        self.connections_changed()
 
     def train(self, mode: bool = True) -> "FixedFanInLinear":
-        """As ``nn.Module.train``; entering evaluation also frees the by-input index copy the
-        backward keeps (as large as the index table): evaluation runs no backward, and the next
-        training step rebuilds it (milliseconds, once per evaluation)."""
+        """As ``nn.Module.train``; entering evaluation also frees the by-input index (as large as
+        the index table): evaluation runs no backward, and the next training step rebuilds it
+        (milliseconds, once per evaluation)."""
         if not mode:
-            release_backward_index(self.indices)
+            self.by_input.drop()
         return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self.by_input.drop()  # an index on the old device, or of a copy, is no use
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.by_input.drop()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def init_bound(self) -> float:
         """Half-width of the uniform initialisation of weights and bias: ``1/sqrt(fan_in)``."""
@@ -186,6 +207,7 @@ class FixedFanInLinear(nn.Module):
         self.indices.copy_(
             sample_distinct_indices(self.out_features, self.in_features, self.fan_in, generator, where)
         )
+        self.connections_changed()
         bound = self.init_bound()
         for tensor in (self.weight, self.bias):
             if tensor is not None:
@@ -196,16 +218,19 @@ class FixedFanInLinear(nn.Module):
         """``h [..., in_features] -> z [..., out_features]``."""
         if h.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(h.shape)}")
-        flat = h.reshape(-1, self.in_features)
-        update = self.weight_update if self.training and torch.is_grad_enabled() else None
-        z = fixed_fanin(flat, self.indices, self.weight, self.bias, impl=self.impl, weight_update=update)
+        z = self.logits(h.reshape(-1, self.in_features), 0, self.out_features)
         # 2-D inputs get the op's own output, not a reshaped view of it: the loss may write over it.
         return z if h.dim() == 2 else z.reshape(*h.shape[:-1], self.out_features)
 
-    def memory_bytes(self) -> int:
-        """Bytes held by the layer's indices, weights and bias."""
-        tensors = [self.indices, self.weight] + ([self.bias] if self.bias is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+    def logits(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """``z [B, stop - start]``: the logits of labels ``[start, stop)`` for ``h [B, in_features]``,
+        the one place a label's logit is computed (training takes all labels at once, evaluation
+        blocks of them). Only whole-layer calls keep the by-input index and feed the gradient sink."""
+        whole = start == 0 and stop == self.out_features
+        sink = self.grad_weight_sink if whole and self.training and torch.is_grad_enabled() else None
+        bias = None if self.bias is None else self.bias[start:stop]
+        return fixed_fanin(h, self.indices[start:stop], self.weight[start:stop], bias, impl=self.impl, sink=sink,
+                           by_input=self.by_input if whole else None, plan=self.plan)
 
     def extra_repr(self) -> str:
         return (

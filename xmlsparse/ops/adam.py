@@ -19,15 +19,10 @@ drawing its random bits from a torch generator instead of Philox. ``apply_adam_`
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 
 from xmlsparse.ops.adam_step import AdamStep, check_state
 
-# The gradient a layer that updates its own weight in its backward keeps until the Adam step: bf16,
-# half the bytes (Adam divides it by sqrt(v), so its 8 bits of precision carry into the update).
-UPDATE_GRAD_DTYPE = torch.bfloat16
 # Elements per chunk of the torch update (its float32 temporaries).
 REFERENCE_CHUNK = 1 << 22
 
@@ -74,27 +69,3 @@ def apply_adam_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
     generator = torch.Generator(device=param.device)
     generator.manual_seed(step.seed * 1_000_003 + offset)
     adam_step_reference_(param, grad, exp_avg, exp_avg_sq, step, generator)
-
-
-class WeightUpdate(Protocol):
-    """What a layer that updates its weight inside its own backward asks of the optimizer."""
-
-    def begin(self) -> tuple[AdamStep, torch.Tensor, torch.Tensor]:
-        """Advance the weight's step count; return the step's scalars and the two moments."""
-        ...
-
-
-class RowRangeUpdate:
-    """One Adam step of a 2-D weight taken one range of rows at a time: the step is begun once and
-    each range's gradient is applied as soon as it exists, so that the whole weight's gradient
-    never does. A range's update must come after everything that reads that range's old values."""
-
-    def __init__(self, weight: torch.Tensor, update: WeightUpdate) -> None:
-        self.weight = weight
-        self.step, self.exp_avg, self.exp_avg_sq = update.begin()
-
-    def __call__(self, start: int, stop: int, grad: torch.Tensor) -> None:
-        """Apply the step to rows ``[start, stop)`` with their gradient ``grad``."""
-        rows = slice(start, stop)
-        apply_adam_(self.weight[rows], grad, self.exp_avg[rows], self.exp_avg_sq[rows], self.step,
-                    offset=start * self.weight.shape[1])

@@ -2,8 +2,8 @@
 
 Half the optimizer memory of torch's Adam (4 bytes a weight instead of 8), one fused pass a tensor
 on CUDA (``xmlsparse.ops.adam``), and an opt-in for layers that update their weight inside their
-own backward (the fixed fan-in head: its weight gradient then lives only inside the backward, in
-bf16, see ``FixedFanInLinear.update_weight_in_backward``). Per parameter the state is ``step`` (a Python int,
+own backward (the fixed fan-in head, through ``AdamGradSink``: its weight gradient then lives only
+inside the backward, in bf16). Per parameter the state is ``step`` (a Python int,
 so that no step waits for the device), ``exp_avg`` and ``exp_avg_sq`` (bf16, shaped like the
 parameter; the rewirer zeroes the slots it regrows). The stochastic rounding bits of a step are a
 function of (seed, parameter position, step), so a resumed run repeats them.
@@ -19,6 +19,7 @@ import torch
 
 from xmlsparse.ops.adam import apply_adam_
 from xmlsparse.ops.adam_step import MOMENT_DTYPE, AdamStep
+from xmlsparse.ops.fixed_fanin.plan import Blocks
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -101,13 +102,34 @@ class CompactAdam(torch.optim.Optimizer):
                 self.state[param][name] = value.to(device=param.device, dtype=MOMENT_DTYPE)
 
 
-class BackwardUpdate:
-    """Hands a layer's backward one ``CompactAdam`` step of ``param`` (``WeightUpdate``)."""
+class AdamGradSink:
+    """``CompactAdam``'s step of a fixed fan-in layer's weight, taken inside the layer's backward
+    (a ``FusedGradWeightSink`` of ``xmlsparse.ops.fixed_fanin``): each range of labels takes its
+    step as soon as its gradient exists, so the ``[L, K]`` gradient never does, and the
+    optimizer's own ``step`` skips the weight (its ``grad`` stays None)."""
+
+    # bf16 ranges: half the bytes, and Adam divides them by sqrt(v), so their 8 bits of precision
+    # carry into the update.
+    dtype = torch.bfloat16
 
     def __init__(self, optimizer: CompactAdam, param: torch.Tensor) -> None:
         optimizer._locate(param)  # fails now, not in the middle of a backward
         self.optimizer = optimizer
         self.param = param
+        self._state: tuple[AdamStep, torch.Tensor, torch.Tensor] | None = None
 
-    def begin(self) -> tuple[AdamStep, torch.Tensor, torch.Tensor]:
-        return self.optimizer.begin_step(self.param)
+    def open(self) -> None:
+        self._state = self.optimizer.begin_step(self.param)
+
+    def take(self, start: int, stop: int, grad: torch.Tensor) -> None:
+        step, exp_avg, exp_avg_sq = self._state
+        rows = slice(start, stop)
+        apply_adam_(self.param[rows], grad, exp_avg[rows], exp_avg_sq[rows], step,
+                    offset=start * self.param.shape[1])
+
+    def take_fused(self, grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Tensor,
+                   grad_bias: torch.Tensor | None, blocks: Blocks) -> None:
+        from xmlsparse.ops.adam_kernels import grad_weight_adam_
+
+        step, exp_avg, exp_avg_sq = self._state
+        grad_weight_adam_(grad_out, h_t, indices, self.param, exp_avg, exp_avg_sq, grad_bias, step, blocks)

@@ -180,6 +180,8 @@ def softmax_loss(logits: torch.Tensor, y_indices: torch.Tensor, y_ptr: torch.Ten
     return _SoftmaxLoss.apply(logits, rows, labels, per_label)
 
 
+# Keyed by the choices of train.loss (config.CHOICES, which configs are checked against);
+# tests/train/test_losses.py checks that the two agree.
 LOSSES: dict[str, LossFn] = {"squared-hinge": squared_hinge_loss, "bce": bce_loss, "softmax": softmax_loss}
 
 

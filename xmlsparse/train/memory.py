@@ -4,14 +4,24 @@
 table and its by-input copy (built by the Triton backward), and the optimizer state of each part.
 ``StepMemory`` measures one step with ``torch.cuda.max_memory_allocated``: the bytes allocated
 when it starts (that state plus the batch) and, for each phase, the peak above that start, so that
-the logits, the loss buffers and the backward's temporaries show up as what they cost.
+the logits, the loss buffers and the backward's temporaries show up as what they cost. It wraps the
+step from outside (the step's loss function and the optimizer's step hooks mark the phases), so the
+training step itself knows nothing of it. ``RunMemory`` is what a run reports: its peak, and the
+measured phases and state of its second step.
 """
 
 from __future__ import annotations
 
+import resource
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 
 from xmlsparse.nn.model import XMCModel
+from xmlsparse.train.losses import LossFn
+
+T = TypeVar("T")
 
 
 def _tensor_bytes(tensors) -> int:
@@ -33,19 +43,11 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(optimizer_state_bytes_by_part(optimizer).values())
 
 
-def by_input_index_bytes() -> int:
-    """Bytes of the by-input index copies the Triton backward keeps (0 without Triton)."""
-    try:
-        from xmlsparse.ops.fixed_fanin import transposed_index_bytes
-    except ImportError:
-        return 0
-    return transposed_index_bytes()
-
-
 def state_bytes(model: XMCModel, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes of what lives through the run, by part (``optimizer_<part>`` for optimizer state)."""
     report = {key: value for key, value in model.memory_report().items() if key != "total"}
-    report["head_by_input_index"] = by_input_index_bytes()
+    by_input = getattr(model.head, "by_input", None)  # a fixed fan-in head's by-input index
+    report["head_by_input_index"] = 0 if by_input is None else by_input.nbytes
     for part, size in optimizer_state_bytes_by_part(optimizer).items():
         report[f"optimizer_{part}"] = size
     report["total"] = sum(report.values())
@@ -87,6 +89,69 @@ class StepMemory:
         torch.cuda.synchronize(self.device)
         return max(self._earlier_peak, int(torch.cuda.max_memory_allocated(self.device)))
 
+    def measure(self, step: Callable[[LossFn], T], loss_fn: LossFn, optimizer: torch.optim.Optimizer) -> T:
+        """Run ``step`` (one training step, given the loss function it is to use) measured phase by
+        phase: ``forward_and_loss`` ends when ``loss_fn`` returns (the logits' bytes are noted then),
+        ``backward`` when ``optimizer.step`` begins and ``optimizer`` when it returns (the gradients
+        zeroed after it only free memory, so the phase's peak is the same)."""
+
+        def measured_loss(logits: torch.Tensor, y_indices: torch.Tensor, y_ptr: torch.Tensor) -> torch.Tensor:
+            loss = loss_fn(logits, y_indices, y_ptr)
+            self.note("logits", logits)
+            self.mark("forward_and_loss")
+            return loss
+
+        hooks = [
+            optimizer.register_step_pre_hook(lambda *_: self.mark("backward")),
+            optimizer.register_step_post_hook(lambda *_: self.mark("optimizer")),
+        ]
+        self.start()
+        try:
+            return step(measured_loss)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+
+class RunMemory:
+    """The memory a run reports: its peak (``metrics.jsonl`` and ``final.json``) and ``final.json``'s
+    ``memory``, the state by part and, on CUDA, the phases of the run's second step (the first has
+    made the optimizer state), measured by ``StepMemory`` around that step."""
+
+    MEASURED_STEP = 1  # optimizer steps counted from 0, as the trainer's ``step``
+
+    def __init__(self, device: torch.device, model: XMCModel, optimizer: torch.optim.Optimizer) -> None:
+        self.device = device
+        self.model = model
+        self.optimizer = optimizer
+        self.step_memory = StepMemory(device)
+        # State by part when the measured step ran (evaluation frees the by-input index later on).
+        self.step_state: dict[str, int] | None = None
+
+    def around_step(self, number: int, step: Callable[[LossFn], torch.Tensor], loss_fn: LossFn) -> torch.Tensor:
+        """Run the run's step ``number``, ``step(loss_fn)``, measuring it when it is the measured one."""
+        if number != self.MEASURED_STEP or self.device.type != "cuda":
+            return step(loss_fn)
+        loss = self.step_memory.measure(step, loss_fn, self.optimizer)
+        self.step_state = state_bytes(self.model, self.optimizer)
+        return loss
+
+    def peak_bytes(self) -> int:
+        """The run's peak memory so far: allocated on CUDA, else the process's resident set."""
+        if self.device.type == "cuda":
+            return self.step_memory.run_peak()
+        # ru_maxrss is in KiB on Linux.
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+    def report(self) -> dict[str, Any]:
+        """``final.json``'s ``memory``: the state by part (at the measured step, else now), the
+        optimizer's state and the measured step's phases (empty when none was measured)."""
+        return {
+            **(self.step_state or state_bytes(self.model, self.optimizer)),
+            "optimizer_state": optimizer_state_bytes(self.optimizer),
+            "step": self.step_memory.report,
+        }
+
 
 def estimated_step_peak(
     model: XMCModel, moments: str, batch_size: int, n_labels: int, precision: str,
@@ -99,7 +164,7 @@ def estimated_step_peak(
     weights = [p for p in model.parameters() if p.requires_grad]
     gradients = _tensor_bytes(weights)
     head_weight = getattr(model.head, "weight", None)
-    if getattr(model.head, "weight_update", None) is not None and head_weight is not None:
+    if getattr(model.head, "grad_weight_sink", None) is not None and head_weight is not None:
         # The head takes its optimizer step inside the backward and never holds its whole gradient.
         gradients -= _tensor_bytes([head_weight])
     report = {

@@ -18,7 +18,7 @@ import sklearn.preprocessing
 import torch
 
 from xmlsparse.atomic import atomic_write, write_json
-from xmlsparse.config import Config, config_to_dict
+from xmlsparse.config import Config
 from xmlsparse.data.batches import split_validation
 from xmlsparse.data.datasets import REGISTRY, dataset_dir, find_dataset_dir, load_dataset
 from xmlsparse.data.types import XMCData
@@ -119,7 +119,7 @@ def normalized_rows(data: XMCData) -> XMCData:
 
 def model_for(config: Config, n_features: int, n_labels: int, device: torch.device) -> XMCModel:
     """The model of ``config`` for ``n_features`` input features and ``n_labels`` labels, on ``device``."""
-    model = build_model(config_to_dict(config)["model"], n_features, n_labels, config.data.features)
+    model = build_model(config.model, n_features, n_labels, config.data.features)
     return model.to(device)
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,9 @@ from xmlsparse.nn.model import XMCModel
 from xmlsparse.nn.rewire import Rewirer
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.train.checkpoint import BEST, LAST, CheckpointWriter, load_checkpoint, rng_state, set_rng_state
-from xmlsparse.train.compact_adam import BackwardUpdate, CompactAdam
+from xmlsparse.train.compact_adam import AdamGradSink, CompactAdam
 from xmlsparse.train.losses import LossFn, loss_fn
-from xmlsparse.train.memory import StepMemory, estimated_step_peak, optimizer_state_bytes, state_bytes
+from xmlsparse.train.memory import RunMemory, estimated_step_peak
 from xmlsparse.train.schedules import Schedule
 from xmlsparse.train.setup import (
     model_for,
@@ -73,16 +73,9 @@ def _fresh_epoch_stats() -> dict[str, float]:
     return {"loss_sum": 0.0, "batches": 0, "rewired": 0.0, "seconds": 0.0, "wall_seconds": 0.0, "samples": 0}
 
 
-def _peak_memory_bytes(device: torch.device, step_memory: StepMemory) -> int:
-    if device.type == "cuda":
-        return step_memory.run_peak()
-    # ru_maxrss is in KiB on Linux.
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 def build_optimizer(model: XMCModel, config: Config) -> torch.optim.Optimizer:
     """Adam or AdamW over the model's parts with their learning rates: torch's (fp32 moments) or
-    ``CompactAdam`` (bf16 moments), which the fixed fan-in head may also run inside its backward."""
+    ``CompactAdam`` (bf16 moments). ``head_grad_sink`` connects the head's backward to the latter."""
     opt = config.train.optimizer
     lrs = {
         "encoder": opt.lr_encoder if opt.lr_encoder is not None else opt.lr,
@@ -91,11 +84,8 @@ def build_optimizer(model: XMCModel, config: Config) -> torch.optim.Optimizer:
     }
     groups = model.param_groups(lrs)
     if opt.moments == "bfloat16":
-        optimizer = CompactAdam(groups, lr=opt.lr, weight_decay=opt.weight_decay, decoupled=opt.type == "adamw",
-                                seed=config.train.seed)
-        if opt.head_update_in_backward and isinstance(model.head, FixedFanInLinear):
-            model.head.update_weight_in_backward(BackwardUpdate(optimizer, model.head.weight))
-        return optimizer
+        return CompactAdam(groups, lr=opt.lr, weight_decay=opt.weight_decay, decoupled=opt.type == "adamw",
+                           seed=config.train.seed)
     cls = torch.optim.AdamW if opt.type == "adamw" else torch.optim.Adam
     on_cuda = all(p.is_cuda for group in groups for p in group["params"])
     # On CUDA the fused kernel updates each tensor in one pass, without the parameter-sized
@@ -106,6 +96,16 @@ def build_optimizer(model: XMCModel, config: Config) -> torch.optim.Optimizer:
     return cls(groups, lr=opt.lr, weight_decay=opt.weight_decay, foreach=True)
 
 
+def connect_head_to_optimizer(model: XMCModel, optimizer: torch.optim.Optimizer, config: Config) -> None:
+    """With ``train.optimizer.head_update_in_backward`` and bf16 moments, give the fixed fan-in head
+    the optimizer's gradient sink: the head's Adam step then runs inside its backward, range by
+    range, and its ``[L, K]`` gradient never exists. Other heads and optimizers keep plain gradients."""
+    head = model.head
+    if isinstance(head, FixedFanInLinear):
+        wanted = config.train.optimizer.head_update_in_backward and isinstance(optimizer, CompactAdam)
+        head.grad_weight_sink = AdamGradSink(optimizer, head.weight) if wanted else None
+
+
 def train_step(
     model: XMCModel,
     batch: Batch,
@@ -113,28 +113,18 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     precision: str,
-    probe: StepMemory | None = None,
 ) -> torch.Tensor:
     """One optimizer step on ``batch`` (forward, loss, backward, optimizer); returns the detached
-    loss. With ``probe`` (CUDA) the step's memory is measured phase by phase."""
-    if probe is not None:
-        probe.start()
+    loss. ``RunMemory.around_step`` measures it from outside, through ``loss_fn`` and ``optimizer``."""
     with autocast_for(device, precision):
         logits = model(batch)
     loss = loss_fn(logits, batch.y_indices, batch.y_ptr)
-    if probe is not None:
-        probe.note("logits", logits)
-        probe.mark("forward_and_loss")
     del logits  # the loss keeps what its backward needs; B x L logits need not outlive it
     loss.backward()
-    if probe is not None:
-        probe.mark("backward")
     optimizer.step()
     # Freed now, not before the next backward: gradients kept between steps (the intermediate
     # layer's is as large as its weight) would sit under the next forward's peak.
     optimizer.zero_grad(set_to_none=True)
-    if probe is not None:
-        probe.mark("optimizer")
     return loss.detach()
 
 
@@ -152,6 +142,7 @@ class Trainer:
         train = self.data.train
         self.model = model_for(config, train.n_features, train.n_labels, device)
         self.optimizer = build_optimizer(self.model, config)
+        connect_head_to_optimizer(self.model, self.optimizer, config)
         batch_size = config.train.batch_size
         steps_per_epoch = math.ceil(len(self.data.train_rows) / batch_size)
         if config.train.max_steps_per_epoch:
@@ -175,25 +166,13 @@ class Trainer:
         self._full_save_epoch = 0
         # The metrics.jsonl line of the last validated epoch, handed to fit's epoch callback.
         self.last_record: dict[str, Any] | None = None
-        self.step_memory = StepMemory(device)
-        # State by part when the probed step ran (evaluation frees the by-input index later on).
-        self.step_state: dict[str, int] | None = None
+        self.memory = RunMemory(device, self.model, self.optimizer)
 
     def _build_rewirer(self) -> Rewirer | None:
         rewire = self.config.model.rewire
         if rewire is None or self.config.model.head.type != "fixed-fanin":
             return None
-        return Rewirer(
-            interval=rewire.interval,
-            # A threshold, when given, replaces the fraction: the two are alternative rules.
-            fraction=rewire.fraction if rewire.threshold is None else None,
-            threshold=rewire.threshold,
-            threshold_decay=rewire.threshold_decay,
-            stop=rewire.stop,
-            new_weights=rewire.new_weights,
-            total_steps=self.total_steps,
-            seed=self.config.train.seed,
-        )
+        return Rewirer(rewire, total_steps=self.total_steps, seed=self.config.train.seed)
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -317,11 +296,10 @@ class Trainer:
         for batch in batches:
             if self.batch_in_epoch >= n_batches:
                 break
-            # The run's second step (the first has made the optimizer state) is measured phase by phase.
-            probe = self.step_memory if self.step == 1 and self.device.type == "cuda" else None
-            loss = train_step(self.model, batch, self.loss, self.optimizer, self.device, self.precision, probe)
-            if probe is not None:
-                self.step_state = state_bytes(self.model, self.optimizer)
+            run = partial(
+                train_step, self.model, batch, optimizer=self.optimizer, device=self.device, precision=self.precision,
+            )
+            loss = self.memory.around_step(self.step, run, self.loss)
             self.schedule.after_step()
             self.step += 1
             self.batch_in_epoch += 1
@@ -382,7 +360,7 @@ class Trainer:
             "rewired_fraction": stats["rewired"],
             "epoch_seconds": seconds,
             "samples_per_second": stats["samples"] / seconds,
-            "peak_memory_bytes": _peak_memory_bytes(self.device, self.step_memory),
+            "peak_memory_bytes": self.memory.peak_bytes(),
         }
         metric_name = config.train.early_stopping.metric
         score = val[metric_name]
@@ -491,12 +469,8 @@ class Trainer:
             "steps": self.step,
             "best_validation": {config.train.early_stopping.metric: best_score},
             **test_entry,
-            "memory": {
-                **(self.step_state or state_bytes(self.model, self.optimizer)),
-                "optimizer_state": optimizer_state_bytes(self.optimizer),
-                "step": self.step_memory.report,
-            },
-            "peak_memory_bytes": _peak_memory_bytes(self.device, self.step_memory),
+            "memory": self.memory.report(),
+            "peak_memory_bytes": self.memory.peak_bytes(),
             "device": str(self.device),
         }
         write_json(self.run_dir / "final.json", final)

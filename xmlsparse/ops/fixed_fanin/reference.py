@@ -4,7 +4,8 @@
 ``W [L, K]``, ``bias [L]`` or None.
 
 Every pass works on chunks of labels whose gathered block ``[Lc, K, B]`` holds at most
-``CHUNK_ELEMENTS`` elements, so no ``[B, L, K]`` tensor ever exists, on CPU either.
+``chunk_elements`` elements (``CHUNK_ELEMENTS`` by default), so no ``[B, L, K]`` tensor ever
+exists, on CPU either.
 
 Dtypes: sums accumulate in float32, or in float64 when an input is float64. The logits take h's
 dtype promoted with W's (bf16 with bf16 gives bf16, bf16 with fp32 gives fp32); the gradients
@@ -16,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from xmlsparse.ops.adam import UPDATE_GRAD_DTYPE, RowRangeUpdate, WeightUpdate
+from xmlsparse.ops.fixed_fanin.sink import GradWeightSink
 
-# Elements of the largest temporary block one chunk of labels may create. Read on every call,
-# so it can be changed at run time.
+# Elements of the largest temporary block one chunk of labels may create, by default (the
+# dispatcher passes its plan's ``reference_chunk_elements``).
 CHUNK_ELEMENTS = 1 << 24
 
 
@@ -28,13 +29,13 @@ def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def label_chunk(batch: int, fan_in: int) -> int:
-    """Labels per chunk so that a ``[Lc, K, B]`` block stays within ``CHUNK_ELEMENTS``."""
-    return max(1, CHUNK_ELEMENTS // max(1, batch * fan_in))
+def label_chunk(batch: int, fan_in: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    """Labels per chunk so that a ``[Lc, K, B]`` block stays within ``chunk_elements``."""
+    return max(1, chunk_elements // max(1, batch * fan_in))
 
 
-def _label_ranges(n_labels: int, batch: int, fan_in: int):
-    step = label_chunk(batch, fan_in)
+def _label_ranges(n_labels: int, batch: int, fan_in: int, chunk_elements: int):
+    step = label_chunk(batch, fan_in, chunk_elements)
     for start in range(0, n_labels, step):
         yield start, min(start + step, n_labels)
 
@@ -63,7 +64,8 @@ def _check_inputs(
 
 
 def forward(
-    h: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    h: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """Logits ``z [B, L]`` in ``promote_types(h.dtype, weight.dtype)``."""
     _check_inputs(h, indices, weight, bias)
@@ -72,7 +74,7 @@ def forward(
     n_labels, fan_in = indices.shape
     h_t = h.t().to(acc).contiguous()  # [D, B]: one gathered index reads B contiguous values
     z = torch.empty(batch, n_labels, dtype=torch.promote_types(h.dtype, weight.dtype), device=h.device)
-    for start, stop in _label_ranges(n_labels, batch, fan_in):
+    for start, stop in _label_ranges(n_labels, batch, fan_in, chunk_elements):
         gathered = _gather(h_t, indices[start:stop])  # [Lc, K, B]
         w = weight[start:stop].to(acc).unsqueeze(1)  # [Lc, 1, K]
         z_chunk = torch.bmm(w, gathered).squeeze(1)  # [Lc, B]
@@ -83,7 +85,8 @@ def forward(
 
 
 def grad_input(
-    grad_out: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, n_inputs: int
+    grad_out: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, n_inputs: int,
+    chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """``grad_h [B, D]``: ``grad_h[b, I[l, k]] += W[l, k] * grad_out[b, l]`` (repeats in a row add up).
 
@@ -94,14 +97,16 @@ def grad_input(
     n_labels, fan_in = indices.shape
     g_t = grad_out.t()  # [L, B]
     grad_h_t = torch.zeros(n_inputs, batch, dtype=acc, device=grad_out.device)  # [D, B]
-    for start, stop in _label_ranges(n_labels, batch, fan_in):
+    for start, stop in _label_ranges(n_labels, batch, fan_in, chunk_elements):
         w = weight[start:stop].to(acc).unsqueeze(2)  # [Lc, K, 1]
         contributions = w * g_t[start:stop].to(acc).unsqueeze(1)  # [Lc, K, B]
         grad_h_t.index_add_(0, indices[start:stop].reshape(-1).long(), contributions.view(-1, batch))
     return grad_h_t.t().to(torch.promote_types(grad_out.dtype, weight.dtype)).contiguous()
 
 
-def grad_weight(grad_out: torch.Tensor, h: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def grad_weight(
+    grad_out: torch.Tensor, h: torch.Tensor, indices: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS
+) -> torch.Tensor:
     """``grad_W [L, K]``: ``grad_W[l, k] = sum_b grad_out[b, l] * h[b, I[l, k]]``.
 
     Returned in ``promote_types(grad_out.dtype, h.dtype)``.
@@ -111,7 +116,7 @@ def grad_weight(grad_out: torch.Tensor, h: torch.Tensor, indices: torch.Tensor) 
     n_labels, fan_in = indices.shape
     h_t = h.t().to(acc).contiguous()  # [D, B]
     grad_w = torch.empty(n_labels, fan_in, dtype=torch.promote_types(grad_out.dtype, h.dtype), device=h.device)
-    for start, stop in _label_ranges(n_labels, batch, fan_in):
+    for start, stop in _label_ranges(n_labels, batch, fan_in, chunk_elements):
         grad_w[start:stop] = _grad_weight_rows(grad_out, h_t, indices, start, stop)
     return grad_w
 
@@ -126,35 +131,36 @@ def _grad_weight_rows(
 
 
 class FixedFanInFunction(torch.autograd.Function):
-    """Autograd wrapper: forward and the explicit chunked backward above; with a weight update,
-    the backward applies the weight's optimizer step (after grad_h, which reads the old weight)."""
+    """Autograd wrapper: forward and the explicit chunked backward above; with a sink, the
+    backward hands grad_W to it chunk by chunk, after grad_h (which reads the old weights)."""
 
     @staticmethod
-    def forward(ctx, h, indices, weight, bias, weight_update):  # noqa: D102 (autograd protocol)
+    def forward(ctx, h, indices, weight, bias, sink, chunk_elements):  # noqa: D102 (autograd protocol)
         ctx.save_for_backward(h, indices, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.weight_update = weight_update
-        return forward(h, indices, weight, bias)
+        ctx.sink, ctx.chunk_elements = sink, chunk_elements
+        return forward(h, indices, weight, bias, chunk_elements)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # noqa: D102 (autograd protocol)
         h, indices, weight = ctx.saved_tensors
         need_h, _, need_weight, need_bias = ctx.needs_input_grad[:4]
-        grad_h = grad_input(grad_out, indices, weight, h.shape[1]).to(h.dtype) if need_h else None
+        chunk = ctx.chunk_elements
+        grad_h = grad_input(grad_out, indices, weight, h.shape[1], chunk).to(h.dtype) if need_h else None
         grad_b = None
         if need_bias:
             grad_b = grad_out.sum(0, dtype=accumulation_dtype(grad_out.dtype)).to(ctx.bias_dtype)
-        if not need_weight or ctx.weight_update is None:
-            grad_w = grad_weight(grad_out, h, indices).to(weight.dtype) if need_weight else None
-            return grad_h, None, grad_w, grad_b, None
-        # The update runs chunk by chunk after grad_h (which reads the old weights), so the
-        # gradient of the whole weight never exists.
-        update = RowRangeUpdate(weight, ctx.weight_update)
+        sink = ctx.sink
+        if not need_weight or sink is None:
+            grad_w = grad_weight(grad_out, h, indices, chunk).to(weight.dtype) if need_weight else None
+            return grad_h, None, grad_w, grad_b, None, None
+        # The gradient of the whole weight never exists: chunk by chunk to the sink.
+        sink.open()
         h_t = h.t().to(accumulation_dtype(grad_out.dtype, h.dtype)).contiguous()
-        for start, stop in _label_ranges(indices.shape[0], h.shape[0], indices.shape[1]):
-            update(start, stop, _grad_weight_rows(grad_out, h_t, indices, start, stop).to(UPDATE_GRAD_DTYPE))
-        return grad_h, None, None, grad_b, None
+        for start, stop in _label_ranges(indices.shape[0], h.shape[0], indices.shape[1], chunk):
+            sink.take(start, stop, _grad_weight_rows(grad_out, h_t, indices, start, stop).to(sink.dtype))
+        return grad_h, None, None, grad_b, None, None
 
 
 def fixed_fanin(
@@ -163,10 +169,10 @@ def fixed_fanin(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    weight_update: WeightUpdate | None = None,
+    sink: GradWeightSink | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """Differentiable fixed fan-in layer ``h [B, D] -> z [B, L]`` (see the module docstring);
-    with ``weight_update`` the backward takes the weight's optimizer step instead of returning its
-    gradient."""
+    """Differentiable fixed fan-in op ``h [B, D] -> z [B, L]`` (see the module docstring); with
+    ``sink`` the backward hands grad_W to it (``GradWeightSink``) instead of returning it."""
     _check_inputs(h, indices, weight, bias)
-    return FixedFanInFunction.apply(h, indices, weight, bias, weight_update)
+    return FixedFanInFunction.apply(h, indices, weight, bias, sink, chunk_elements)

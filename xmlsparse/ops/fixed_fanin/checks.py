@@ -1,0 +1,51 @@
+"""Argument checks of the Triton fixed fan-in launchers (the kernels check nothing: a check on the
+device would cost a host sync every step)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs its kernels in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must share one device, got {sorted(map(str, devices))}")
+    device = tensors[0].device
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(f"the Triton fixed fan-in kernels need CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+
+
+def check_indices(indices: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    if indices.dim() != 2 or indices.dtype != torch.int32:
+        raise ValueError(f"indices must be an int32 [L, K] tensor, got {indices.dtype} {tuple(indices.shape)}")
+    if weight is not None:
+        if weight.shape != indices.shape:
+            raise ValueError(f"weight shape {tuple(weight.shape)} differs from indices shape {tuple(indices.shape)}")
+        if weight.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"weight must be float32 or bfloat16, got {weight.dtype}")
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_INPUTS:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+
+
+def new_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """``out`` when it is a contiguous tensor of this shape, dtype and device, a new one when None."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous() or out.device != device:
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape} on {device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
