@@ -32,7 +32,7 @@ from xmlsparse.config import load_config
 from xmlsparse.data.batches import BatchIterator
 from xmlsparse.data.datasets import REGISTRY
 from xmlsparse.data.synthetic import generate
-from xmlsparse.nn.rewire import Rewirer
+from xmlsparse.train.rewiring import Rewirer
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.train.losses import loss_fn
 from xmlsparse.train.memory import StepMemory, optimizer_state_bytes, state_bytes

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from xmlsparse.config import RewireConfig
-from xmlsparse.nn import rewire
-from xmlsparse.nn.rewire import Rewirer
+from xmlsparse.train import rewiring
+from xmlsparse.train.rewiring import Rewirer
 
 from xmlsparse.ops.fixed_fanin import by_input  # noqa: E402
 from xmlsparse.ops.fixed_fanin.by_input import ByInputCache, build_by_input_index  # noqa: E402
@@ -133,7 +133,7 @@ def weights_with_ties(shape, seed, dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fraction", [0.01, 0.2, 0.35, 0.5, 1.0])
 def test_selection_prunes_exactly_the_smallest(monkeypatch, piece, dtype, fraction):
-    monkeypatch.setattr(rewire, "SELECT_CHUNK_SLOTS", piece)
+    monkeypatch.setattr(rewiring, "SELECT_CHUNK_SLOTS", piece)
     weight = weights_with_ties((61, 9), seed=int(fraction * 100) + piece, dtype=dtype)
     mask = select(fraction, weight, seed=3)
     check_selection(weight, fraction, mask)
@@ -147,7 +147,7 @@ def test_selection_prunes_exactly_the_smallest(monkeypatch, piece, dtype, fracti
 @pytest.mark.parametrize("piece", [3, 16, 100])
 def test_selection_many_ties_by_random_keys(monkeypatch, piece):
     # More ties than a piece: the random-key path. Exact count, deterministic per seed, uniform-ish.
-    monkeypatch.setattr(rewire, "SELECT_CHUNK_SLOTS", piece)
+    monkeypatch.setattr(rewiring, "SELECT_CHUNK_SLOTS", piece)
     weight = torch.zeros(40, 10)
     weight[::3] = torch.linspace(0.1, 1.0, 10)
     mask = select(0.5, weight, seed=1)
@@ -162,7 +162,7 @@ def test_selection_many_ties_by_random_keys(monkeypatch, piece):
 
 
 def test_selection_all_tied_and_all_pruned(monkeypatch):
-    monkeypatch.setattr(rewire, "SELECT_CHUNK_SLOTS", 7)
+    monkeypatch.setattr(rewiring, "SELECT_CHUNK_SLOTS", 7)
     weight = torch.full((30, 5), 0.5)
     for fraction in (0.1, 0.5, 1.0):
         check_selection(weight, fraction, select(fraction, weight, seed=4))
@@ -172,7 +172,7 @@ def test_selection_all_tied_and_all_pruned(monkeypatch):
 
 def test_selection_random_key_collisions_taken_in_slot_order(monkeypatch):
     # Force equal random keys: every tie draws the same key, so the cut falls among equal keys.
-    monkeypatch.setattr(rewire, "SELECT_CHUNK_SLOTS", 8)
+    monkeypatch.setattr(rewiring, "SELECT_CHUNK_SLOTS", 8)
     real_randint = torch.randint
 
     def constant_keys(low, high, size, **kwargs):
@@ -190,7 +190,7 @@ def test_selection_random_key_collisions_taken_in_slot_order(monkeypatch):
 
 @pytest.mark.parametrize("piece", [3, 1 << 22])
 def test_threshold_mode_in_pieces(monkeypatch, piece):
-    monkeypatch.setattr(rewire, "SELECT_CHUNK_SLOTS", piece)
+    monkeypatch.setattr(rewiring, "SELECT_CHUNK_SLOTS", piece)
     for dtype in (torch.float32, torch.bfloat16):
         weight = weights_with_ties((17, 6), seed=9, dtype=dtype)
         mask = select(None, weight, threshold=0.3)
@@ -198,7 +198,7 @@ def test_threshold_mode_in_pieces(monkeypatch, piece):
 
 
 def test_selection_under_no_grad_leaves_weight_alone(monkeypatch):
-    monkeypatch.setattr(rewire, "SELECT_CHUNK_SLOTS", 10)
+    monkeypatch.setattr(rewiring, "SELECT_CHUNK_SLOTS", 10)
     weight = torch.nn.Parameter(weights_with_ties((20, 4), seed=2))
     before = weight.detach().clone()
     with torch.no_grad():

@@ -28,8 +28,7 @@ from xmlsparse.metrics import (
 )
 
 # Logits of one batch held at a time while scoring: bounds evaluation memory whatever L is.
-# 2^26 (128 MiB of bf16 logits): when block sizes were compared, test evaluation at amazon-670k
-# shape on an H100 took 7.9 s, against 11.8 s at 2^25 and 6.8 s at 0.65 GiB more for 2^27
+# 2^26 (128 MiB of bf16 logits) was the fastest block that kept evaluation's extra memory small
 # (docs/benchmarks.md).
 LOGIT_ELEMENTS_PER_BLOCK = 1 << 26
 

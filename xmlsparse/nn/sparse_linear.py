@@ -226,11 +226,13 @@ class FixedFanInLinear(nn.Module):
         """``z [B, stop - start]``: the logits of labels ``[start, stop)`` for ``h [B, in_features]``,
         the one place a label's logit is computed (training takes all labels at once, evaluation
         blocks of them). Only whole-layer calls keep the by-input index and feed the gradient sink."""
-        whole = start == 0 and stop == self.out_features
-        sink = self.grad_weight_sink if whole and self.training and torch.is_grad_enabled() else None
+        if start == 0 and stop == self.out_features:
+            # The tensors themselves, not views: a training step then adds no slice nodes to the graph.
+            sink = self.grad_weight_sink if self.training and torch.is_grad_enabled() else None
+            return fixed_fanin(h, self.indices, self.weight, self.bias, impl=self.impl, sink=sink,
+                               by_input=self.by_input, plan=self.plan)
         bias = None if self.bias is None else self.bias[start:stop]
-        return fixed_fanin(h, self.indices[start:stop], self.weight[start:stop], bias, impl=self.impl, sink=sink,
-                           by_input=self.by_input if whole else None, plan=self.plan)
+        return fixed_fanin(h, self.indices[start:stop], self.weight[start:stop], bias, impl=self.impl, plan=self.plan)
 
     def extra_repr(self) -> str:
         return (

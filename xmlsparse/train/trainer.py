@@ -39,7 +39,7 @@ from xmlsparse.errors import XMLSparseError
 from xmlsparse.evaluate import autocast_for, evaluate, evaluate_by_frequency
 from xmlsparse.metrics import label_frequencies
 from xmlsparse.nn.model import XMCModel
-from xmlsparse.nn.rewire import Rewirer
+from xmlsparse.train.rewiring import Rewirer
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.train.checkpoint import BEST, LAST, CheckpointWriter, load_checkpoint, rng_state, set_rng_state
 from xmlsparse.train.compact_adam import AdamGradSink, CompactAdam
@@ -75,7 +75,7 @@ def _fresh_epoch_stats() -> dict[str, float]:
 
 def build_optimizer(model: XMCModel, config: Config) -> torch.optim.Optimizer:
     """Adam or AdamW over the model's parts with their learning rates: torch's (fp32 moments) or
-    ``CompactAdam`` (bf16 moments). ``head_grad_sink`` connects the head's backward to the latter."""
+    ``CompactAdam`` (bf16 moments); ``connect_head_to_optimizer`` gives the head's backward the latter's step."""
     opt = config.train.optimizer
     lrs = {
         "encoder": opt.lr_encoder if opt.lr_encoder is not None else opt.lr,

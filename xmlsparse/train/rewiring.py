@@ -32,9 +32,8 @@ from xmlsparse.nn.sparse_linear import FixedFanInLinear
 # Slots of the weight handled at once when selecting the slots to prune. The selection runs over
 # pieces of the flattened weight so that its temporaries stay near 13 bytes a slot of one piece
 # (up to 24 bytes a tie when listing at most this many ties) beside the bool [L, K] mask it
-# returns, rather than a full float32 copy plus kthvalue's workspace over all L*K slots. H100,
-# 270 M fp32 slots (Amazon-3M, K=96): extra peak 257 MB mask + 53-61 MB in 0.19-0.44 s, against
-# 3.35 GB in 2.0 s for kthvalue over all slots.
+# returns, rather than a full float32 copy plus kthvalue's workspace over all L*K slots
+# (measured in docs/benchmarks.md).
 SELECT_CHUNK_SLOTS = 1 << 22
 _RADIX_BITS = 8
 

@@ -6,7 +6,7 @@ import torch
 
 from xmlsparse.config import RewireConfig, config_from_dict
 from xmlsparse.errors import XMLSparseError
-from xmlsparse.nn.rewire import Rewirer
+from xmlsparse.train.rewiring import Rewirer
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
 
 L, K, D = 333, 7, 50
