@@ -228,8 +228,8 @@ def sweep_shape(p: Problem, rows: list[dict], save) -> None:
         def fused(blk, plan=plan, index=index):
             _, h_t, g = p.next_set()
             grads = (torch.empty(p.B, p.D, dtype=ACT, device=g.device), torch.empty_like(p.weight))
-            ff._grad_input_by_input(g, p.indices, p.weight, p.D, grads[0], index, plan, blocks=blk, h_t=h_t,
-                                    grad_w=grads[1])
+            ff.grad_input_over_index(g, p.indices, p.weight, p.D, grads[0], index, plan, blocks=blk, h_t=h_t,
+                                     grad_w=grads[1])
 
         _sweep_family(rows, f"fused_by_input/{share:g}/{index.n_chunks}ch", shape, by_input_configs, fused, save)
         del index

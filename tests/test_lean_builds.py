@@ -102,9 +102,10 @@ def old_select_pruned(fraction, weight, generator):
     return pruned.view_as(weight)
 
 
-def select(fraction, weight, seed=0, threshold=None):
+def select(fraction, weight, seed=0, threshold=None, piece=rewiring.SELECT_CHUNK_SLOTS):
     # A threshold, when given, replaces the fraction (select(None, ..., threshold=t) prunes by it).
-    rewirer = Rewirer(RewireConfig(interval=1, fraction=fraction, threshold=threshold), total_steps=10, seed=0)
+    rewirer = Rewirer(RewireConfig(interval=1, fraction=fraction, threshold=threshold), total_steps=10, seed=0,
+                      select_chunk_slots=piece)
     return rewirer._select_pruned(weight, threshold, torch.Generator().manual_seed(seed))
 
 
@@ -132,10 +133,9 @@ def weights_with_ties(shape, seed, dtype=torch.float32):
 @pytest.mark.parametrize("piece", [1, 13, 256, 1 << 22])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fraction", [0.01, 0.2, 0.35, 0.5, 1.0])
-def test_selection_prunes_exactly_the_smallest(monkeypatch, piece, dtype, fraction):
-    monkeypatch.setattr(rewiring, "SELECT_CHUNK_SLOTS", piece)
+def test_selection_prunes_exactly_the_smallest(piece, dtype, fraction):
     weight = weights_with_ties((61, 9), seed=int(fraction * 100) + piece, dtype=dtype)
-    mask = select(fraction, weight, seed=3)
+    mask = select(fraction, weight, seed=3, piece=piece)
     check_selection(weight, fraction, mask)
     magnitude = weight.abs().float().flatten()
     if int((magnitude == magnitude.kthvalue(round(fraction * weight.numel())).values).sum()) <= piece:
@@ -145,34 +145,33 @@ def test_selection_prunes_exactly_the_smallest(monkeypatch, piece, dtype, fracti
 
 
 @pytest.mark.parametrize("piece", [3, 16, 100])
-def test_selection_many_ties_by_random_keys(monkeypatch, piece):
+def test_selection_many_ties_by_random_keys(piece):
     # More ties than a piece: the random-key path. Exact count, deterministic per seed, uniform-ish.
-    monkeypatch.setattr(rewiring, "SELECT_CHUNK_SLOTS", piece)
     weight = torch.zeros(40, 10)
     weight[::3] = torch.linspace(0.1, 1.0, 10)
-    mask = select(0.5, weight, seed=1)
+    mask = select(0.5, weight, seed=1, piece=piece)
     check_selection(weight, 0.5, mask)
-    assert torch.equal(mask, select(0.5, weight, seed=1))
-    assert not torch.equal(mask, select(0.5, weight, seed=2))
+    assert torch.equal(mask, select(0.5, weight, seed=1, piece=piece))
+    assert not torch.equal(mask, select(0.5, weight, seed=2, piece=piece))
     if piece < 16:
         return
-    hits = sum(select(0.5, weight, seed=s).float() for s in range(40))
+    hits = sum(select(0.5, weight, seed=s, piece=piece).float() for s in range(40))
     zeros = weight == 0
     assert float(hits[zeros].min()) > 5 and float(hits[zeros].max()) < 40  # every tie can be drawn, none always
 
 
-def test_selection_all_tied_and_all_pruned(monkeypatch):
-    monkeypatch.setattr(rewiring, "SELECT_CHUNK_SLOTS", 7)
+def test_selection_all_tied_and_all_pruned():
+    piece = 7
     weight = torch.full((30, 5), 0.5)
     for fraction in (0.1, 0.5, 1.0):
-        check_selection(weight, fraction, select(fraction, weight, seed=4))
+        check_selection(weight, fraction, select(fraction, weight, seed=4, piece=piece))
     weight[:, 0] = 0.0
-    check_selection(weight, 0.2, select(0.2, weight))  # every zero: missing == number of ties
+    check_selection(weight, 0.2, select(0.2, weight, piece=piece))  # every zero: missing == number of ties
 
 
 def test_selection_random_key_collisions_taken_in_slot_order(monkeypatch):
     # Force equal random keys: every tie draws the same key, so the cut falls among equal keys.
-    monkeypatch.setattr(rewiring, "SELECT_CHUNK_SLOTS", 8)
+    piece = 8
     real_randint = torch.randint
 
     def constant_keys(low, high, size, **kwargs):
@@ -183,26 +182,25 @@ def test_selection_random_key_collisions_taken_in_slot_order(monkeypatch):
     monkeypatch.setattr(torch, "randint", constant_keys)
     weight = torch.zeros(10, 5)
     weight[:, 4] = 1.0
-    mask = select(0.5, weight)
+    mask = select(0.5, weight, piece=piece)
     check_selection(weight, 0.5, mask)
     assert torch.equal(mask.flatten().nonzero().squeeze(1), (weight.flatten() == 0).nonzero().squeeze(1)[:25])
 
 
 @pytest.mark.parametrize("piece", [3, 1 << 22])
-def test_threshold_mode_in_pieces(monkeypatch, piece):
-    monkeypatch.setattr(rewiring, "SELECT_CHUNK_SLOTS", piece)
+def test_threshold_mode_in_pieces(piece):
     for dtype in (torch.float32, torch.bfloat16):
         weight = weights_with_ties((17, 6), seed=9, dtype=dtype)
-        mask = select(None, weight, threshold=0.3)
+        mask = select(None, weight, threshold=0.3, piece=piece)
         assert torch.equal(mask, weight.abs().float() < 0.3)
 
 
-def test_selection_under_no_grad_leaves_weight_alone(monkeypatch):
-    monkeypatch.setattr(rewiring, "SELECT_CHUNK_SLOTS", 10)
+def test_selection_under_no_grad_leaves_weight_alone():
+    piece = 10
     weight = torch.nn.Parameter(weights_with_ties((20, 4), seed=2))
     before = weight.detach().clone()
     with torch.no_grad():
-        mask = select(0.3, weight)
+        mask = select(0.3, weight, piece=piece)
     assert not mask.requires_grad and torch.equal(weight.detach(), before)
     check_selection(weight, 0.3, mask)
 

@@ -118,8 +118,8 @@ def test_fused_backward_over_several_batch_blocks():
     gh = _nan((h.shape[0], n_inputs), torch.float32)
     gw = _nan(tuple(weight.shape), torch.float32)
     index = build_by_input_index(indices, n_inputs, chunk_labels=indices.shape[0])
-    ff._grad_input_by_input(grad_out, indices, weight, n_inputs, gh, index, Plan(), blocks=Blocks(8, 1, 128, 1),
-                            h_t=ff.transpose_padded(h), grad_w=gw)
+    ff.grad_input_over_index(grad_out, indices, weight, n_inputs, gh, index, Plan(), blocks=Blocks(8, 1, 128, 1),
+                             h_t=ff.transpose_padded(h), grad_w=gw)
     _assert_close(gh, reference.grad_input(grad_out.double(), indices, weight.double(), n_inputs), 1e-5, "grad_h", gen)
     _assert_close(gw, reference.grad_weight(grad_out.double(), h.double(), indices), 1e-5, "grad_W", gen)
 

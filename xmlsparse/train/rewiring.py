@@ -89,10 +89,12 @@ class Rewirer:
     ``zero`` | ``random``. ``seed`` (the run's) seeds every round's random numbers.
     """
 
-    def __init__(self, section: RewireConfig, *, total_steps: int, seed: int) -> None:
+    def __init__(self, section: RewireConfig, *, total_steps: int, seed: int,
+                 select_chunk_slots: int = SELECT_CHUNK_SLOTS) -> None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise XMLSparseError(f"rewire total_steps must be a positive integer, got {total_steps!r}")
         self.interval = section.interval
+        self.select_chunk_slots = select_chunk_slots  # pieces of the pruning selection (tests use small ones)
         self.total_steps = total_steps
         # The two rules are alternatives: a threshold, when given, replaces the fraction.
         self.fraction = section.fraction if section.threshold is None else None
@@ -133,7 +135,7 @@ class Rewirer:
             return 0.0
         pruned = self._select_pruned(weight, threshold, generator)
         # Counted piece by piece: a bool tensor's sum() first makes an int64 copy (8 bytes a slot).
-        n_pruned = sum(int(piece.sum()) for piece in pruned.view(-1).split(SELECT_CHUNK_SLOTS))
+        n_pruned = sum(int(piece.sum()) for piece in pruned.view(-1).split(self.select_chunk_slots))
         if n_pruned:
             layer.redraw_connections(pruned, generator)
             if self.new_weights == "zero":
@@ -152,12 +154,13 @@ class Rewirer:
 
         Fraction mode prunes exactly ``n_prune`` slots: every slot whose magnitude lies below the
         ``n_prune``-th smallest one, plus a random subset of those tied with it. Everything runs
-        over pieces of ``SELECT_CHUNK_SLOTS`` slots (the k-th magnitude by a radix select on the
+        over pieces of ``select_chunk_slots`` slots (the k-th magnitude by a radix select on the
         float32 bit patterns), so no temporary grows with the weight besides the mask itself.
         """
         flat = weight.detach().reshape(-1)
         n_slots, device = flat.numel(), flat.device
-        bounds = [(s, min(s + SELECT_CHUNK_SLOTS, n_slots)) for s in range(0, n_slots, SELECT_CHUNK_SLOTS)]
+        piece = self.select_chunk_slots
+        bounds = [(s, min(s + piece, n_slots)) for s in range(0, n_slots, piece)]
         pruned = torch.empty(n_slots, dtype=torch.bool, device=device)
         if threshold is not None:
             for s, e in bounds:
@@ -177,7 +180,7 @@ class Rewirer:
         if missing <= 0:
             return pruned.view_as(weight)
         # Magnitudes tied at the cut (zeros of freshly regrown slots, say): a random subset of them.
-        if n_ties <= SELECT_CHUNK_SLOTS:
+        if n_ties <= piece:
             # Few enough to list: the ties in slot order and a random permutation of them.
             ties = torch.cat([(bits(p) == kth).nonzero().squeeze(1) + s for p, (s, _) in enumerate(bounds)])
             pick = torch.randperm(ties.numel(), generator=generator, device=device)[:missing]

@@ -141,13 +141,15 @@ def _grad_weight_t(grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Ten
     return out
 
 
-def _grad_input_by_input(grad_out: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, n_inputs: int,
-                         out: torch.Tensor, index: ByInputIndex, plan: Plan, blocks: Blocks | None = None,
-                         h_t: torch.Tensor | None = None, grad_w: torch.Tensor | None = None,
-                         sink: GradWeightSink | None = None) -> torch.Tensor:
-    """grad_h over the by-input ``index``; with ``h_t`` and ``grad_w`` also grad_W from the same
-    reads, or with ``h_t`` and ``sink`` grad_W launch by launch over groups of label chunks, each
-    group's gradient handed to the sink (a group's weights are read by no later launch)."""
+def grad_input_over_index(grad_out: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, n_inputs: int,
+                          out: torch.Tensor, index: ByInputIndex, plan: Plan, blocks: Blocks | None = None,
+                          h_t: torch.Tensor | None = None, grad_w: torch.Tensor | None = None,
+                          sink: GradWeightSink | None = None) -> torch.Tensor:
+    """grad_h into ``out [B, D]`` over a built by-input ``index`` (the launcher that ``grad_input``
+    and the backward share; benchmarks call it with their own tiles). With ``h_t`` and ``grad_w``
+    also grad_W from the same reads, or with ``h_t`` and ``sink`` grad_W launch by launch over
+    groups of label chunks, each group's gradient handed to the sink (a group's weights are read
+    by no later launch)."""
     batch, n_labels = grad_out.shape
     fan_in = indices.shape[1]
     with_gw = grad_w is not None or sink is not None
@@ -244,7 +246,7 @@ def grad_input(grad_out: torch.Tensor, indices: torch.Tensor, weight: torch.Tens
     gh = new_out(out, (grad_out.shape[0], n_inputs), dtype, grad_out.device)
     indices, weight = indices.contiguous(), weight.contiguous()
     index = _by_input_index(indices, n_inputs, grad_out.shape[0], grad_out.dtype, False, plan, by_input)
-    return _grad_input_by_input(grad_out, indices, weight, n_inputs, gh, index, plan, blocks)
+    return grad_input_over_index(grad_out, indices, weight, n_inputs, gh, index, plan, blocks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,14 +315,14 @@ def backward(grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Tensor, w
     if need_h and need_weight and batch >= plan.fused_min_batch:
         # One pass over the by-input index gives grad_h and grad_W.
         index = _by_input_index(indices, n_inputs, batch, grad_out.dtype, True, plan, by_input)
-        _grad_input_by_input(grad_out, indices, weight, n_inputs, grad_h, index, plan, h_t=h_t, grad_w=grad_w,
-                             sink=sink)
+        grad_input_over_index(grad_out, indices, weight, n_inputs, grad_h, index, plan, h_t=h_t, grad_w=grad_w,
+                              sink=sink)
         if grad_b is not None:
             grad_b.copy_(grad_out.sum(0, dtype=torch.float32))
         return grad_h, grad_w, grad_b
     if need_h:
         index = _by_input_index(indices, n_inputs, batch, grad_out.dtype, False, plan, by_input)
-        _grad_input_by_input(grad_out, indices, weight, n_inputs, grad_h, index, plan)
+        grad_input_over_index(grad_out, indices, weight, n_inputs, grad_h, index, plan)
     blocks = plan.grad_weight_blocks(h_t.shape[1], fan_in)
     if (sink is not None and hasattr(sink, "take_fused") and 0 < batch <= blocks.block_b and plan.h_is_hot(h_t)
             and n_labels > 0 and fan_in > 0):
