@@ -13,6 +13,7 @@ GB/s counts the gather traffic: L*K*B*2 bytes per pass, 1 pass forward, 2 backwa
     PYTHONPATH=. python scripts/bench_ops.py            # full grid (about 5 min on an H100)
     PYTHONPATH=. python scripts/bench_ops.py --quick    # D=65536, K in {32, 64}, B in {32, 128}
     PYTHONPATH=. python scripts/bench_ops.py --sweep    # block shapes of each kernel at D=65536
+    PYTHONPATH=. python scripts/bench_ops.py --grouped [--quick]  # grouped op (G = 16, 32, 64) beside the plain op
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from xmlsparse.ops.fixed_fanin import reference
+from xmlsparse.ops.fixed_fanin import grouped, reference
 from xmlsparse.ops.fixed_fanin import triton_op as ff
 from xmlsparse.ops.fixed_fanin.by_input import ByInputCache, build_by_input_index
 from xmlsparse.ops.fixed_fanin.plan import DEFAULT_PLAN, Blocks, Plan, padded_width
@@ -176,6 +177,58 @@ def time_dense(batch: int, dev: torch.device) -> dict:
     return dict(fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwd_bwd_ms=fwd_ms + bwd_ms)
 
 
+def time_grouped(p: Problem, group: int) -> dict:
+    """The grouped op (labels in groups of ``group`` sharing a row of inputs) on the problem's
+    weights, with the first ceil(L / group) rows of its indices: forward, and forward + backward
+    through autograd under bf16 autocast; GB/s counts the gathered ``L/G * K * B * 2`` bytes."""
+    indices = p.indices[: -(-p.L // group)].contiguous()
+    out = {"fwd_ms": bench(lambda: grouped.forward(p.next_set()[0], indices, p.weight, p.bias, group, ACT))}
+    weight = p.weight.clone().requires_grad_(True)
+    bias = p.bias.clone().requires_grad_(True)
+    next_leaf = rotating([(s[0].clone().requires_grad_(True), s[2]) for s in p.sets])
+
+    def fwd_bwd():
+        h, g = next_leaf()
+        with torch.autocast("cuda", dtype=ACT):
+            z = grouped.grouped_fixed_fanin(h, indices, weight, bias, group)
+        return torch.autograd.grad(z, (h, weight, bias), g)
+
+    out["fwd_bwd_ms"] = bench(fwd_bwd)
+    out["bwd_ms"] = out["fwd_bwd_ms"] - out["fwd_ms"]
+    out["fwd_GBps"] = p.gathered_bytes() / group / 1e9 / (out["fwd_ms"] / 1e3)
+    return out
+
+
+def run_grouped(args, meta: dict, dev: torch.device, start: float) -> None:
+    """Grouped rows beside the plain op and the dense bf16 layer, measured in the same run."""
+    shapes = [(65536, 64, 128), (65536, 64, 32)] if args.quick else [(65536, k, b) for k in (32, 64, 128)
+                                                                       for b in (32, 128, 512)]
+    rows = []
+    for n_inputs, fan_in, batch in shapes:
+        p = Problem(n_inputs, fan_in, batch, dev)
+        row = dict(D=n_inputs, K=fan_in, B=batch, plain=time_triton(p),
+                   grouped={g: time_grouped(p, g) for g in grouped.GROUP_SIZES})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del p
+        torch.cuda.empty_cache()
+    dense = {b: time_dense(b, dev) for b in sorted({r["B"] for r in rows})}
+    args.out.write_text(json.dumps(dict(meta, grouped_rows=rows, dense=dense, seconds=time.time() - start), indent=1))
+    print(f"\n{meta['device']}, L={meta['labels']}, bf16 activations, fp32 W; ms (median); fwd+bwd through autograd")
+    print("| D | K | B | op | fwd ms | fwd GB/s | bwd ms | fwd+bwd ms | fwd x plain | bwd x plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        plain, d = r["plain"], dense[r["B"]]
+        plain_bwd = plain["fwd_bwd_ms"] - plain["fwd_ms"]
+        print(f"| {r['D']} | {r['K']} | {r['B']} | plain | {plain['fwd_ms']:.3f} | {plain['fwd_GBps']:.0f} "
+              f"| {plain_bwd:.3f} | {plain['fwd_bwd_ms']:.3f} | 1 | 1 |")
+        for g, t in r["grouped"].items():
+            print(f"| {r['D']} | {r['K']} | {r['B']} | G={g} | {t['fwd_ms']:.3f} | {t['fwd_GBps']:.0f} | {t['bwd_ms']:.3f} "
+                  f"| {t['fwd_bwd_ms']:.3f} | {plain['fwd_ms'] / t['fwd_ms']:.1f} | {plain_bwd / t['bwd_ms']:.1f} |")
+        print(f"| {r['D']} | {r['K']} | {r['B']} | dense bf16 [L, 768] | {d['fwd_ms']:.3f} | - | {d['bwd_ms']:.3f} "
+              f"| {d['fwd_bwd_ms']:.3f} | - | - |")
+
+
 # --------------------------------------------------------------------------------------------
 # Block-shape sweep
 # --------------------------------------------------------------------------------------------
@@ -243,6 +296,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="D=65536, K in {32, 64}, B in {32, 128}")
     parser.add_argument("--sweep", action="store_true", help="time block shapes of every kernel instead")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference op")
+    parser.add_argument("--grouped", action="store_true", help="the grouped op beside the plain op and a dense layer")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_ops.json")
     args = parser.parse_args()
     dev = torch.device("cuda")
@@ -263,6 +317,9 @@ def main() -> None:
 
     # Device ceilings: a device-to-device copy (bytes read + written) for the memory bound.
     meta["copy_GBps"] = copy_bandwidth(dev)
+    if args.grouped:
+        run_grouped(args, meta, dev, start)
+        return
 
     if args.quick:
         grid = [(65536, k, b) for k in (32, 64) for b in (32, 128)]

@@ -127,6 +127,32 @@ def check_case(fan_in: int, batch: int, kind: str, n_inputs: int, n_labels: int,
     return rows
 
 
+def check_grouped_case(group: int, fan_in: int, batch: int, kind: str, n_inputs: int, n_labels: int,
+                       dev: torch.device, seed: int) -> list[dict]:
+    """The grouped op (labels in groups of ``group`` sharing a row of inputs) through autograd,
+    against the float64 oracle of the plain op on the expanded indices."""
+    from xmlsparse.ops.fixed_fanin.grouped import grouped_fixed_fanin
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    torch.manual_seed(seed)
+    act = torch.float32 if kind == "fp32" else torch.bfloat16
+    n_groups = -(-n_labels // group)
+    indices = torch.randint(0, n_inputs, (n_groups, fan_in), device=dev, dtype=torch.int32)
+    indices[::5, 1] = indices[::5, 0]  # repeats within rows
+    weight = torch.randn(n_labels, fan_in, device=dev) / fan_in**0.5
+    bias = torch.randn(n_labels, device=dev) * 0.1
+    h = torch.randn(batch, n_inputs, device=dev).relu().to(act)
+    grad_out = torch.randn(batch, n_labels, device=dev).to(act)
+    oracle = Oracle(h, indices.repeat_interleave(group, dim=0)[:n_labels], weight, bias, grad_out, gen)
+    leaves = [t.clone().requires_grad_(True) for t in (h, weight, bias)]
+    with PoisonedAllocations(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=kind == "bf16"):
+        z = grouped_fixed_fanin(leaves[0], indices, leaves[1], leaves[2], group)
+        z.backward(grad_out.to(z.dtype))
+    errs = oracle.errors(z=z, grad_h=leaves[0].grad, grad_w=leaves[1].grad, grad_b=leaves[2].grad)
+    return [dict(K=fan_in, B=batch, D=n_inputs, dtype=kind, path=f"grouped/G{group}", output=name, rel_err=err,
+                 bound=BOUNDS[kind], ok=not math.isnan(err) and err <= BOUNDS[kind]) for name, err in errs.items()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="K=64 only, B in {7, 128}")
@@ -147,6 +173,12 @@ def main() -> int:
     rows, start = [], time.time()
     for i, (k, b, kind, d) in enumerate(cases):
         rows += check_case(k, b, kind, d, args.labels, dev, seed=i)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    groups = (16, 32) if args.quick else (16, 32, 64)
+    grouped = [(g, k, b, kind) for g in groups for k in fan_ins if k % 16 == 0 for b in batches for kind in ("fp32", "bf16")]
+    for i, (g, k, b, kind) in enumerate(grouped):
+        rows += check_grouped_case(g, k, b, kind, args.inputs, args.labels, dev, seed=1000 + i)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     failed = [r for r in rows if not r["ok"]]

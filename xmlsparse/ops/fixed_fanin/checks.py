@@ -49,3 +49,14 @@ def new_out(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape} on {device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     return out
+
+
+def check_group_shapes(indices: torch.Tensor, weight: torch.Tensor, group_size: int) -> None:
+    """``weight [L, K]`` with ``indices [ceil(L / group_size), K]``: a row of inputs per group."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    n_labels, fan_in = weight.shape if weight.dim() == 2 else (-1, -1)
+    want = (-(-n_labels // group_size), fan_in)
+    if weight.dim() != 2 or tuple(indices.shape) != want:
+        what = "differs from indices shape" if group_size == 1 else f"needs indices of shape {want} (group_size {group_size}), got"
+        raise ValueError(f"weight shape {tuple(weight.shape)} {what} {tuple(indices.shape)}")
