@@ -123,6 +123,9 @@ class HeadConfig:
     rank: int = ranged(64, AT_LEAST_ONE)  # bottleneck width
     activation: str = "relu"  # bottleneck activation
     impl: str = "auto"  # fixed-fanin op: auto | triton | reference
+    # fixed-fanin: labels in groups of this many consecutive labels share one row of inputs (1: a
+    # row per label). The Triton path has kernels for 16, 32 and 64 with fan_in a multiple of 16.
+    group_size: int = ranged(1, AT_LEAST_ONE)
 
 
 @dataclass

@@ -58,6 +58,8 @@ class XMCModel(nn.Module):
         # 65,536 x 768) are cached until the autocast region ends; no label block needs them.
         torch.clear_autocast_cache()
         n_labels = head.out_features
+        group = getattr(head, "group_size", 1)
+        block = max(group, block // group * group)  # a grouped head's blocks begin at a group
         for start in range(0, n_labels, block):
             stop = min(start + block, n_labels)
             if isinstance(head, FixedFanInLinear):
@@ -113,7 +115,7 @@ def _build_encoder(cfg: EncoderConfig, n_features: int, feature_kind: str) -> nn
 
 def _build_head(cfg: HeadConfig, in_features: int, n_labels: int, impl: str) -> nn.Module:
     if cfg.type == "fixed-fanin":
-        return FixedFanInLinear(in_features, n_labels, cfg.fan_in, impl=impl)
+        return FixedFanInLinear(in_features, n_labels, cfg.fan_in, impl=impl, group_size=cfg.group_size)
     if cfg.type == "dense":
         return nn.Linear(in_features, n_labels)
     if cfg.type == "bottleneck":

@@ -127,6 +127,10 @@ class FixedFanInLinear(nn.Module):
 
     Initialisation follows ``nn.Linear`` with the layer's true fan-in ``K``: weight and bias are
     ``U(-1/sqrt(K), 1/sqrt(K))``, so the output variance matches a dense layer reading K inputs.
+    With ``group_size`` G > 1 the labels form groups of G consecutive labels that share one row of
+    inputs: ``indices`` is ``[ceil(L / G), K]`` and label ``l`` reads row ``l // G`` (the last group
+    may be partial); the op then runs on tensor-core kernels of its own.
+
     ``indices`` is a buffer (int32, saved in the state dict), not a parameter. The layer keeps the
     by-input copy of its indices that the Triton backward walks (``by_input``) and drops it
     whenever its connections change: through ``redraw_connections``, ``reset_parameters``,
@@ -144,11 +148,13 @@ class FixedFanInLinear(nn.Module):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        group_size: int = 1,
     ) -> None:
         super().__init__()
         _check_positive("in_features", in_features)
         _check_positive("out_features", out_features)
         _check_positive("fan_in", fan_in)
+        _check_positive("group_size", group_size)
         if fan_in > in_features:
             raise XMLSparseError(f"fan_in ({fan_in}) must not exceed in_features ({in_features})")
         if impl not in IMPLS:
@@ -157,9 +163,9 @@ class FixedFanInLinear(nn.Module):
         self.out_features = out_features
         self.fan_in = fan_in
         self.impl = impl
-        self.register_buffer(
-            "indices", torch.empty(out_features, fan_in, dtype=torch.int32, device=device)
-        )
+        self.group_size = group_size
+        n_rows = -(-out_features // group_size)  # a row of inputs per group of labels
+        self.register_buffer("indices", torch.empty(n_rows, fan_in, dtype=torch.int32, device=device))
         self.weight = nn.Parameter(torch.empty(out_features, fan_in, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         # Where training steps send the weight's gradient instead of weight.grad (an optimizer's
@@ -175,8 +181,8 @@ class FixedFanInLinear(nn.Module):
 
     @torch.no_grad()
     def redraw_connections(self, free: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Give the slots where ``free [L, K]`` is True new random inputs that their rows do not
-        read yet (``redraw_distinct``)."""
+        """Give the slots where ``free`` (shaped like ``indices``: a row per group of labels) is True
+        new random inputs that their rows do not read yet (``redraw_distinct``)."""
         redraw_distinct(self.indices, free, self.in_features, generator)
         self.connections_changed()
 
@@ -205,7 +211,7 @@ class FixedFanInLinear(nn.Module):
         """Draw fresh connections, weights and bias (random numbers from ``generator`` if given)."""
         where = generator.device if generator is not None else self.weight.device
         self.indices.copy_(
-            sample_distinct_indices(self.out_features, self.in_features, self.fan_in, generator, where)
+            sample_distinct_indices(self.indices.shape[0], self.in_features, self.fan_in, generator, where)
         )
         self.connections_changed()
         bound = self.init_bound()
@@ -225,7 +231,18 @@ class FixedFanInLinear(nn.Module):
     def logits(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """``z [B, stop - start]``: the logits of labels ``[start, stop)`` for ``h [B, in_features]``,
         the one place a label's logit is computed (training takes all labels at once, evaluation
-        blocks of them). Only whole-layer calls keep the by-input index and feed the gradient sink."""
+        blocks of them). Only whole-layer calls keep the by-input index and feed the gradient sink.
+        With groups, ``start`` must begin a group."""
+        group = self.group_size
+        if group > 1:
+            if start % group:
+                raise ValueError(f"label blocks of a grouped layer start at a group: {start} is no multiple of {group}")
+            if start == 0 and stop == self.out_features:
+                rows, weight, bias = self.indices, self.weight, self.bias
+            else:
+                rows, weight = self.indices[start // group : -(-stop // group)], self.weight[start:stop]
+                bias = None if self.bias is None else self.bias[start:stop]
+            return fixed_fanin(h, rows, weight, bias, impl=self.impl, plan=self.plan, group_size=group)
         if start == 0 and stop == self.out_features:
             # The tensors themselves, not views: a training step then adds no slice nodes to the graph.
             sink = self.grad_weight_sink if self.training and torch.is_grad_enabled() else None
@@ -238,4 +255,5 @@ class FixedFanInLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, fan_in={self.fan_in}, "
             f"bias={self.bias is not None}, impl={self.impl}"
+            + (f", group_size={self.group_size}" if self.group_size > 1 else "")
         )

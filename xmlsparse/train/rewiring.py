@@ -78,6 +78,18 @@ def reset_optimizer_slots(optimizer: torch.optim.Optimizer | None, parameter: to
             value.masked_fill_(mask, 0)
 
 
+def group_magnitudes(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[ceil(L / G), K]``: each group's mean |W| over its labels (a partial last group over the
+    labels it has), the score by which a grouped layer's slots are pruned."""
+    n_labels, fan_in = weight.shape
+    n_groups = -(-n_labels // group_size)
+    sums = torch.zeros(n_groups * group_size, fan_in, dtype=torch.float32, device=weight.device)
+    sums[:n_labels] = weight.detach().abs()
+    counts = torch.full((n_groups, 1), float(group_size), device=weight.device)
+    counts[-1] = n_labels - (n_groups - 1) * group_size
+    return sums.view(n_groups, group_size, fan_in).sum(1) / counts
+
+
 class Rewirer:
     """Schedules and performs rewiring rounds of a :class:`FixedFanInLinear` layer, as the config's
     ``model.rewire`` section (``section``, validated by ``xmlsparse.config``) says.
@@ -133,18 +145,22 @@ class Rewirer:
         self.rounds += 1
         if indices.shape[1] >= layer.in_features or weight.numel() == 0:
             return 0.0
-        pruned = self._select_pruned(weight, threshold, generator)
+        group = layer.group_size
+        # A group's slot is scored by the mean |W| over its labels; a pruned slot is regrown for all of them.
+        pruned = self._select_pruned(weight if group == 1 else group_magnitudes(weight, group), threshold, generator)
         # Counted piece by piece: a bool tensor's sum() first makes an int64 copy (8 bytes a slot).
         n_pruned = sum(int(piece.sum()) for piece in pruned.view(-1).split(self.select_chunk_slots))
         if n_pruned:
             layer.redraw_connections(pruned, generator)
+            by_label = pruned if group == 1 else pruned.repeat_interleave(group, dim=0)[: weight.shape[0]]
             if self.new_weights == "zero":
-                weight.masked_fill_(pruned, 0)
+                weight.masked_fill_(by_label, 0)
             else:
                 bound = 1.0 / math.sqrt(indices.shape[1])
-                values = torch.rand(n_pruned, generator=generator, device=weight.device) * (2 * bound) - bound
-                weight.masked_scatter_(pruned, values.to(weight.dtype))
-            reset_optimizer_slots(optimizer, weight, pruned)
+                n_values = n_pruned if group == 1 else int(by_label.sum())
+                values = torch.rand(n_values, generator=generator, device=weight.device) * (2 * bound) - bound
+                weight.masked_scatter_(by_label, values.to(weight.dtype))
+            reset_optimizer_slots(optimizer, weight, by_label)
         return n_pruned / pruned.numel()
 
     def _select_pruned(
