@@ -126,6 +126,9 @@ class HeadConfig:
     # fixed-fanin: labels in groups of this many consecutive labels share one row of inputs (1: a
     # row per label). The Triton path has kernels for 16, 32 and 64 with fan_in a multiple of 16.
     group_size: int = ranged(1, AT_LEAST_ONE)
+    # Which labels share a group: random (consecutive label ids), or clustered from the training
+    # data before training (labels whose points look alike; the order is stored with the run).
+    grouping: str = "random"
 
 
 @dataclass
@@ -235,6 +238,7 @@ CHOICES: dict[str, tuple[str | bool, ...]] = {
     "model.head.activation": ACTIVATION_NAMES,
     # xmlsparse.ops.IMPLS, which this layer may not import; tests/nn/test_model.py checks they agree.
     "model.head.impl": ("auto", "triton", "reference"),
+    "model.head.grouping": ("random", "clustered"),
     "model.rewire.new_weights": ("zero", "random"),
     "train.loss": ("squared-hinge", "bce", "softmax"),
     "train.optimizer.type": ("adam", "adamw"),

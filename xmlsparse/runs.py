@@ -164,6 +164,7 @@ def evaluate_run_dir(
     if save_predictions:
         subset = source if points is None else XMCData(source.X[points], source.Y[points], source.n_features, source.n_labels)
         ids, scores = predict_topk(model, subset, max(ks), batch_size, device, precision)
+        ids = data.preprocess.original_labels(ids)
         write_predictions(saved_predictions_path(run_dir, split), ids, scores, n_labels=source.n_labels)
     return metrics, table
 
@@ -207,5 +208,5 @@ def predict_file(run_dir: Path, input_path: Path, top_k: int, out: Path | None =
     inputs = stored.preprocess(inputs)  # the training split's idf and normalisation, as the run stored them
     precision = precision_on(device, config.train.precision)
     ids, scores = predict_topk(model, inputs, top_k, config.train.eval_batch_size, device, precision)
-    write_predictions(target, ids, scores, n_labels=stored.n_labels)
+    write_predictions(target, stored.preprocess.original_labels(ids), scores, n_labels=stored.n_labels)
     return WrittenPredictions(target, top_k)

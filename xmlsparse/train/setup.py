@@ -25,21 +25,28 @@ from xmlsparse.data.types import XMCData
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.metrics import DEFAULT_PROPENSITY, inverse_propensity, label_frequencies
 from xmlsparse.nn.model import XMCModel, build_model
+from xmlsparse.train.label_groups import clustered_label_order
 
 # What a run directory keeps so that prediction reads nothing else (see RunInputs).
 RUN_INPUTS_FILE = "preprocessing.json"
 IDF_FILE = "idf.npy"
+LABEL_ORDER_FILE = "label_order.npy"  # clustered label groups: the data set's label id at each model position
 LABEL_MAP_FILE = "label_map.txt"  # a data set's label names by id, copied as it is
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: an idf array has no single truth value to compare by
 class Preprocessing:
-    """The feature transform fitted on the training split: BoW values times ``idf`` (one weight
-    per feature, None for none), then, with ``normalize``, rows scaled to unit L2 norm. Every input
-    the model sees (train, test, ``xmlsparse predict`` files) goes through the same transform."""
+    """The transform fitted on the training split: BoW values times ``idf`` (one weight per
+    feature, None for none), then, with ``normalize``, rows scaled to unit L2 norm. Every input the
+    model sees (train, test, ``xmlsparse predict`` files) goes through the same transform.
+
+    ``label_order`` (clustered label groups) is the original label id at each of the model's label
+    positions: the labels of every split are put in that order, so the model's consecutive labels
+    form the groups, and ``original_labels`` maps its predictions back."""
 
     idf: np.ndarray | None
     normalize: bool
+    label_order: np.ndarray | None = None
 
     def __call__(self, data: XMCData) -> XMCData:
         if self.idf is not None:
@@ -48,7 +55,15 @@ class Preprocessing:
             X = sp.csr_matrix(data.X, dtype=np.result_type(data.X.dtype, np.float32), copy=True)
             X.data *= self.idf[X.indices]
             data = replace(data, X=X.astype(np.float32))
-        return normalized_rows(data) if self.normalize else data
+        if self.normalize:
+            data = normalized_rows(data)
+        if self.label_order is not None:
+            data = replace(data, Y=sp.csr_matrix(data.Y)[:, self.label_order].tocsr())
+        return data
+
+    def original_labels(self, ids: np.ndarray) -> np.ndarray:
+        """The data set's label ids of the model's label positions ``ids``."""
+        return ids if self.label_order is None else self.label_order[ids]
 
 
 @dataclass
@@ -91,18 +106,24 @@ def prepare_data(config: Config, preprocess: Preprocessing | None = None) -> Pre
 
 
 def fit_preprocessing(config: Config, train: XMCData) -> Preprocessing:
-    """The feature transform of ``config.data`` fitted on ``train``: for BoW, optionally the training
-    split's smoothed idf (``tfidf: auto`` applies it to whole-number features only), then
-    optionally unit L2 rows; dense rows pass unchanged."""
-    if config.data.features != "bow":
-        return Preprocessing(idf=None, normalize=False)
-    idf = None
-    use_idf = config.data.tfidf
-    if use_idf == "auto":
-        use_idf = whole_number_values(train.X)
-    if use_idf:
-        idf = sklearn.feature_extraction.text.TfidfTransformer(norm=None, smooth_idf=True).fit(train.X).idf_
-    return Preprocessing(idf=idf, normalize=config.data.normalize)
+    """The transform of ``config`` fitted on ``train``: for BoW, optionally the training split's
+    smoothed idf (``tfidf: auto`` applies it to whole-number features only), then optionally unit
+    L2 rows (dense rows pass unchanged); for a grouped head with ``grouping: clustered``, the label
+    order of its clustered groups."""
+    features = Preprocessing(idf=None, normalize=False)
+    if config.data.features == "bow":
+        idf = None
+        use_idf = config.data.tfidf
+        if use_idf == "auto":
+            use_idf = whole_number_values(train.X)
+        if use_idf:
+            idf = sklearn.feature_extraction.text.TfidfTransformer(norm=None, smooth_idf=True).fit(train.X).idf_
+        features = Preprocessing(idf=idf, normalize=config.data.normalize)
+    head = config.model.head
+    if head.type != "fixed-fanin" or head.group_size == 1 or head.grouping != "clustered":
+        return features
+    order = clustered_label_order(features(train).X, train.Y, head.group_size, config.train.seed)
+    return replace(features, label_order=order)
 
 
 def whole_number_values(X: sp.spmatrix) -> bool:
@@ -187,6 +208,9 @@ def save_run_inputs(run_dir: Path, config: Config, data: PreparedData) -> None:
     if preprocess.idf is not None:
         with atomic_write(run_dir / IDF_FILE) as handle:
             np.save(handle, preprocess.idf)
+    if preprocess.label_order is not None:
+        with atomic_write(run_dir / LABEL_ORDER_FILE) as handle:
+            np.save(handle, preprocess.label_order)
     label_map = dataset_label_map(config)
     if label_map is not None:
         with open(label_map, "rb") as source, atomic_write(run_dir / LABEL_MAP_FILE) as target:
@@ -198,6 +222,7 @@ def save_run_inputs(run_dir: Path, config: Config, data: PreparedData) -> None:
         "normalize": preprocess.normalize,
         "idf": None if preprocess.idf is None else IDF_FILE,
         "label_map": None if label_map is None else LABEL_MAP_FILE,
+        "label_order": None if preprocess.label_order is None else LABEL_ORDER_FILE,
     }
     write_json(run_dir / RUN_INPUTS_FILE, record)
 
@@ -245,8 +270,27 @@ def load_run_inputs(run_dir: Path) -> RunInputs:
         raise XMLSparseError(f"{label_map} is missing, though {path} names it")
     return RunInputs(
         record["features"], record["n_features"], record["n_labels"],
-        Preprocessing(idf=idf, normalize=record["normalize"]), label_map,
+        Preprocessing(idf=idf, normalize=record["normalize"], label_order=_load_label_order(run_dir, path, record)),
+        label_map,
     )
+
+
+def _load_label_order(run_dir: Path, path: Path, record: dict[str, Any]) -> np.ndarray | None:
+    """The stored order of clustered label groups (runs without one, older ones too, have none)."""
+    name = record.get("label_order")
+    if name is None:
+        return None
+    if name != LABEL_ORDER_FILE:
+        raise XMLSparseError(f"{path}: key 'label_order' is {name!r}, expected null or {LABEL_ORDER_FILE!r}")
+    order_path = run_dir / LABEL_ORDER_FILE
+    try:
+        order = np.load(order_path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise XMLSparseError(f"{order_path}: cannot read the label order ({error})") from None
+    n_labels = record["n_labels"]
+    if order.shape != (n_labels,) or order.dtype.kind not in "iu" or not np.array_equal(np.sort(order), np.arange(n_labels)):
+        raise XMLSparseError(f"{order_path}: expected an order of the {n_labels} label ids, found {order.dtype} {order.shape}")
+    return order.astype(np.int64)
 
 
 def _positive_int(value: Any) -> bool:
