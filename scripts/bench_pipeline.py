@@ -78,7 +78,7 @@ def main() -> None:
     if trainer.rewirer is not None:
         torch.cuda.synchronize()
         started = time.perf_counter()
-        trainer.rewirer.rewire(trainer.model.head, trainer.optimizer)
+        trainer.rewirer.rewire(trainer.model.sparse_head, trainer.optimizer)
         torch.cuda.synchronize()
         result["rewire_round_ms"] = (time.perf_counter() - started) * 1000
     print(json.dumps(result))

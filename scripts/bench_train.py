@@ -33,7 +33,6 @@ from xmlsparse.data.batches import BatchIterator
 from xmlsparse.data.datasets import REGISTRY
 from xmlsparse.data.synthetic import generate
 from xmlsparse.train.rewiring import Rewirer
-from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.train.losses import loss_fn
 from xmlsparse.train.memory import StepMemory, optimizer_state_bytes, state_bytes
 from xmlsparse.train.setup import model_for, prepare_data
@@ -111,11 +110,11 @@ def bench(config_path: Path, data_dir: Path, batch_size: int, steps: int, warmup
 
     rewire_ms = 0.0
     rewire = config.model.rewire
-    if isinstance(model.head, FixedFanInLinear) and rewire is not None:
+    if model.sparse_head is not None and rewire is not None:
         rewirer = Rewirer(rewire, total_steps=10 * rewire.interval, seed=config.train.seed)
         torch.cuda.synchronize()
         started = time.perf_counter()
-        rewirer.rewire(model.head, optimizer)
+        rewirer.rewire(model.sparse_head, optimizer)
         torch.cuda.synchronize()
         rewire_ms = (time.perf_counter() - started) * 1000 / rewire.interval
 

@@ -26,7 +26,6 @@ from xmlsparse.data.batches import BatchIterator
 from xmlsparse.data.datasets import REGISTRY
 from xmlsparse.data.synthetic import generate
 from xmlsparse.train.rewiring import Rewirer
-from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.train.losses import loss_fn
 from xmlsparse.train.setup import model_for, prepare_data
 from xmlsparse.train.trainer import build_optimizer, connect_head_to_optimizer, train_step
@@ -119,9 +118,9 @@ def main() -> None:
     train_step(model, batches[2], loss, optimizer, device, "bf16")
     markers.append(("steady step", _marker()))
     rewire = config.model.rewire
-    if isinstance(model.head, FixedFanInLinear) and rewire is not None:
+    if model.sparse_head is not None and rewire is not None:
         rewirer = Rewirer(rewire, total_steps=10 * rewire.interval, seed=config.train.seed)
-        rewirer.rewire(model.head, optimizer)
+        rewirer.rewire(model.sparse_head, optimizer)
         markers.append(("rewire", _marker()))
         train_step(model, batches[3], loss, optimizer, device, "bf16")
         markers.append(("step after rewire", _marker()))

@@ -129,6 +129,9 @@ class HeadConfig:
     # Which labels share a group: random (consecutive label ids), or clustered from the training
     # data before training (labels whose points look alike; the order is stored with the run).
     grouping: str = "random"
+    # fixed-fanin: the most frequent training labels (a share of the labels when under 1, else a
+    # count) get a dense layer of their own, the rest the fixed fan-in layer; 0: none.
+    dense_head_labels: float = ranged(0, NON_NEGATIVE)
 
 
 @dataclass
@@ -412,6 +415,13 @@ def check_model_fits(model: ModelConfig, features: str, n_features: int | None =
             f"{source}: model.head.fan_in = {model.head.fan_in} exceeds the {inputs[0]} inputs the head reads "
             f"({inputs[1]})"
         )
+    dense = model.head.dense_head_labels
+    if dense and model.head.type != "fixed-fanin":
+        raise XMLSparseError(f"{source}: model.head.dense_head_labels = {dense} splits a fixed-fanin head, "
+                             f"but model.head.type = {model.head.type!r}")
+    if dense >= 1 and dense != int(dense):
+        raise XMLSparseError(f"{source}: model.head.dense_head_labels = {dense}: expected a share under 1 "
+                             "or a whole number of labels")
 
 
 METRIC_FAMILIES = ("P", "nDCG", "PSP", "PSnDCG", "R")

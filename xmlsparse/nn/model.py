@@ -15,6 +15,7 @@ from xmlsparse.config import CHOICES, EncoderConfig, HeadConfig, ModelConfig, ch
 from xmlsparse.data.batches import Batch
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.nn.encoders import BowEncoder, DenseEncoder, make_activation
+from xmlsparse.nn.heads import HeadTailLinear, dense_label_count
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
 
 PARTS = ("encoder", "intermediate", "head")
@@ -38,6 +39,15 @@ class XMCModel(nn.Module):
         """The number of labels the head scores."""
         return (self.head[-1] if isinstance(self.head, nn.Sequential) else self.head).out_features
 
+    @property
+    def sparse_head(self) -> FixedFanInLinear | None:
+        """The fixed fan-in layer that scores labels (the head, or the tail of a head–tail split),
+        which rewiring and the optimizer's gradient sink work on; None for dense heads."""
+        head = self.head
+        if isinstance(head, HeadTailLinear):
+            return head.tail
+        return head if isinstance(head, FixedFanInLinear) else None
+
     def features(self, batch: Batch) -> torch.Tensor:
         """The head's input ``h [B, d]``, for callers that run the head themselves."""
         h = self.encoder(batch)
@@ -57,6 +67,9 @@ class XMCModel(nn.Module):
         # Under autocast, the bf16 copies of the layers below (the intermediate weight: 96 MiB at
         # 65,536 x 768) are cached until the autocast region ends; no label block needs them.
         torch.clear_autocast_cache()
+        if isinstance(head, HeadTailLinear):
+            yield from head.label_blocks(h, block)
+            return
         n_labels = head.out_features
         group = getattr(head, "group_size", 1)
         block = max(group, block // group * group)  # a grouped head's blocks begin at a group
@@ -115,7 +128,9 @@ def _build_encoder(cfg: EncoderConfig, n_features: int, feature_kind: str) -> nn
 
 def _build_head(cfg: HeadConfig, in_features: int, n_labels: int, impl: str) -> nn.Module:
     if cfg.type == "fixed-fanin":
-        return FixedFanInLinear(in_features, n_labels, cfg.fan_in, impl=impl, group_size=cfg.group_size)
+        n_dense = dense_label_count(cfg.dense_head_labels, n_labels) if cfg.dense_head_labels else 0
+        sparse = FixedFanInLinear(in_features, n_labels - n_dense, cfg.fan_in, impl=impl, group_size=cfg.group_size)
+        return HeadTailLinear(in_features, n_dense, sparse) if n_dense else sparse
     if cfg.type == "dense":
         return nn.Linear(in_features, n_labels)
     if cfg.type == "bottleneck":

@@ -46,8 +46,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def state_bytes(model: XMCModel, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes of what lives through the run, by part (``optimizer_<part>`` for optimizer state)."""
     report = {key: value for key, value in model.memory_report().items() if key != "total"}
-    by_input = getattr(model.head, "by_input", None)  # a fixed fan-in head's by-input index
-    report["head_by_input_index"] = 0 if by_input is None else by_input.nbytes
+    sparse = model.sparse_head
+    report["head_by_input_index"] = 0 if sparse is None else sparse.by_input.nbytes
     for part, size in optimizer_state_bytes_by_part(optimizer).items():
         report[f"optimizer_{part}"] = size
     report["total"] = sum(report.values())
@@ -163,10 +163,10 @@ def estimated_step_peak(
     so the peak that ``StepMemory`` measures is somewhat higher."""
     weights = [p for p in model.parameters() if p.requires_grad]
     gradients = _tensor_bytes(weights)
-    head_weight = getattr(model.head, "weight", None)
-    if getattr(model.head, "grad_weight_sink", None) is not None and head_weight is not None:
+    sparse = model.sparse_head
+    if sparse is not None and sparse.grad_weight_sink is not None:
         # The head takes its optimizer step inside the backward and never holds its whole gradient.
-        gradients -= _tensor_bytes([head_weight])
+        gradients -= _tensor_bytes([sparse.weight])
     report = {
         "model": model.memory_report()["total"],
         "gradients": gradients,

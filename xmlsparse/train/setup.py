@@ -24,6 +24,7 @@ from xmlsparse.data.datasets import REGISTRY, dataset_dir, find_dataset_dir, loa
 from xmlsparse.data.types import XMCData
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.metrics import DEFAULT_PROPENSITY, inverse_propensity, label_frequencies
+from xmlsparse.nn.heads import dense_label_count
 from xmlsparse.nn.model import XMCModel, build_model
 from xmlsparse.train.label_groups import clustered_label_order
 
@@ -108,8 +109,8 @@ def prepare_data(config: Config, preprocess: Preprocessing | None = None) -> Pre
 def fit_preprocessing(config: Config, train: XMCData) -> Preprocessing:
     """The transform of ``config`` fitted on ``train``: for BoW, optionally the training split's
     smoothed idf (``tfidf: auto`` applies it to whole-number features only), then optionally unit
-    L2 rows (dense rows pass unchanged); for a grouped head with ``grouping: clustered``, the label
-    order of its clustered groups."""
+    L2 rows (dense rows pass unchanged); and the label order that a head–tail split (its dense
+    labels first) or clustered groups (``grouping: clustered``) need."""
     features = Preprocessing(idf=None, normalize=False)
     if config.data.features == "bow":
         idf = None
@@ -120,10 +121,18 @@ def fit_preprocessing(config: Config, train: XMCData) -> Preprocessing:
             idf = sklearn.feature_extraction.text.TfidfTransformer(norm=None, smooth_idf=True).fit(train.X).idf_
         features = Preprocessing(idf=idf, normalize=config.data.normalize)
     head = config.model.head
-    if head.type != "fixed-fanin" or head.group_size == 1 or head.grouping != "clustered":
+    clustered = head.group_size > 1 and head.grouping == "clustered"
+    if head.type != "fixed-fanin" or not (clustered or head.dense_head_labels):
         return features
-    order = clustered_label_order(features(train).X, train.Y, head.group_size, config.train.seed)
-    return replace(features, label_order=order)
+    # The dense head's labels (the most frequent) first, then the tail's, clustered or in id order.
+    n_labels = train.n_labels
+    n_dense = dense_label_count(head.dense_head_labels, n_labels) if head.dense_head_labels else 0
+    by_frequency = np.argsort(-label_frequencies(train.Y), kind="stable")
+    dense, tail = by_frequency[:n_dense], np.sort(by_frequency[n_dense:])
+    if clustered:
+        Y_tail = sp.csr_matrix(train.Y)[:, tail]
+        tail = tail[clustered_label_order(features(train).X, Y_tail, head.group_size, config.train.seed)]
+    return replace(features, label_order=np.concatenate([dense, tail]).astype(np.int64))
 
 
 def whole_number_values(X: sp.spmatrix) -> bool:

@@ -39,12 +39,11 @@ from xmlsparse.errors import XMLSparseError
 from xmlsparse.evaluate import autocast_for, evaluate, evaluate_by_frequency
 from xmlsparse.metrics import label_frequencies
 from xmlsparse.nn.model import XMCModel
-from xmlsparse.train.rewiring import Rewirer
-from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.train.checkpoint import BEST, LAST, CheckpointWriter, load_checkpoint, rng_state, set_rng_state
 from xmlsparse.train.compact_adam import AdamGradSink, CompactAdam
 from xmlsparse.train.losses import LossFn, loss_fn
 from xmlsparse.train.memory import RunMemory, estimated_step_peak
+from xmlsparse.train.rewiring import Rewirer
 from xmlsparse.train.schedules import Schedule
 from xmlsparse.train.setup import (
     model_for,
@@ -101,8 +100,8 @@ def connect_head_to_optimizer(model: XMCModel, optimizer: torch.optim.Optimizer,
     the optimizer's gradient sink: the head's Adam step then runs inside its backward, range by
     range, and its ``[L, K]`` gradient never exists. Other heads (grouped ones too) and optimizers
     keep plain gradients."""
-    head = model.head
-    if isinstance(head, FixedFanInLinear):
+    head = model.sparse_head
+    if head is not None:
         # A grouped head's op returns grad_W (the optimizer's own step then updates it).
         wanted = (config.train.optimizer.head_update_in_backward and isinstance(optimizer, CompactAdam)
                   and head.group_size == 1)
@@ -310,7 +309,7 @@ class Trainer:
             done_here += 1
             running += loss
             if self.rewirer is not None:
-                fraction = self.rewirer.maybe_rewire(self.model.head, self.optimizer, self.step)
+                fraction = self.rewirer.maybe_rewire(self.model.sparse_head, self.optimizer, self.step)
                 if fraction is not None:
                     self.epoch_stats["rewired"] += fraction
             if self.batch_in_epoch % FINITE_CHECK_INTERVAL == 0 or self.batch_in_epoch == n_batches:
