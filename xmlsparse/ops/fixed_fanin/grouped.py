@@ -25,6 +25,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from xmlsparse.ops.fixed_fanin.checks import check_device, check_float, check_group_shapes, interpreting
+from xmlsparse.ops.fixed_fanin.triton_op import transpose_padded
 
 GROUP_SIZES = (16, 32, 64)
 
@@ -122,13 +123,6 @@ def check_grouped(indices: torch.Tensor, weight: torch.Tensor, group_size: int) 
         raise ValueError(f"weight must be float32 or bfloat16, got {weight.dtype}")
 
 
-def _transpose(h: torch.Tensor) -> torch.Tensor:
-    """``h [B, D] -> h^T [D, ldh]``, ``ldh`` = B rounded up to 16 from B = 16 on, padding zeroed."""
-    from xmlsparse.ops.fixed_fanin.triton_op import transpose_padded
-
-    return transpose_padded(h)
-
-
 def _fp32(*tensors: torch.Tensor) -> bool:
     """Whether the dot runs in fp32: fp32 activations, or Triton's CPU interpreter, whose bf16 dot
     gives wrong sums (so interpreted tests check the kernels' indexing in fp32, and
@@ -140,7 +134,7 @@ def forward(h: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, bias: 
             out_dtype: torch.dtype, h_t: torch.Tensor | None = None) -> torch.Tensor:
     """Logits ``z [B, L]`` in ``out_dtype``."""
     batch, n_labels = h.shape[0], weight.shape[0]
-    h_t = _transpose(h) if h_t is None else h_t
+    h_t = transpose_padded(h) if h_t is None else h_t
     z = torch.empty(batch, n_labels, dtype=out_dtype, device=h.device)
     if batch == 0 or n_labels == 0:
         return z
@@ -189,7 +183,7 @@ class GroupedFixedFanInTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, indices, weight, bias, group_size, out_dtype):  # noqa: D102 (autograd protocol)
-        h_t = _transpose(h)
+        h_t = transpose_padded(h)
         z = forward(h, indices, weight, bias, group_size, out_dtype, h_t)
         ctx.save_for_backward(h_t, indices, weight)
         ctx.group_size, ctx.n_inputs, ctx.h_dtype = group_size, h.shape[1], h.dtype
