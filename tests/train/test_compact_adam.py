@@ -257,3 +257,19 @@ def test_loss_written_over_the_heads_logits_gives_the_plain_gradients(name):
         grads.append((x.grad, layer.weight.grad, layer.bias.grad))
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(("impl", "batch", "ranges"), [("triton", 5, 3), ("triton", 130, 3), ("reference", 5, 3)])
+def test_a_grouped_head_takes_its_step_in_backward_range_by_range(impl, batch, ranges):
+    """Groups of 16 labels: grad_W goes to the sink in ranges of whole groups (two groups, 32
+    labels, a range: 80 labels in 3 ranges) and the weights end where a plain backward and
+    CompactAdam.step put them."""
+    gen = torch.Generator().manual_seed(batch)
+    fused = FixedFanInLinear(29, 80, 16, impl=impl, group_size=16, generator=gen)
+    h, grad_out = torch.randn(batch, 29, generator=gen), torch.randn(batch, 80, generator=gen)
+    fused.plan = Plan(sink_range_slots=32 * 16, reference_chunk_elements=32 * 16 * max(batch, 1))
+    held = []
+    fused_opt, plain = step_with_and_without_update_in_backward(fused, h, grad_out, RecordingSink, held=held)
+    assert fused.weight.grad is None
+    torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-5, atol=1e-6)
+    assert len(held) == ranges and sum(held) == fused.weight.numel()

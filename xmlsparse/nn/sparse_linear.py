@@ -238,10 +238,11 @@ class FixedFanInLinear(nn.Module):
             if start % group:
                 raise ValueError(f"label blocks of a grouped layer start at a group: {start} is no multiple of {group}")
             if start == 0 and stop == self.out_features:
-                rows, weight, bias = self.indices, self.weight, self.bias
-            else:
-                rows, weight = self.indices[start // group : -(-stop // group)], self.weight[start:stop]
-                bias = None if self.bias is None else self.bias[start:stop]
+                sink = self.grad_weight_sink if self.training and torch.is_grad_enabled() else None
+                return fixed_fanin(h, self.indices, self.weight, self.bias, impl=self.impl, sink=sink, plan=self.plan,
+                                   group_size=group)
+            rows, weight = self.indices[start // group : -(-stop // group)], self.weight[start:stop]
+            bias = None if self.bias is None else self.bias[start:stop]
             return fixed_fanin(h, rows, weight, bias, impl=self.impl, plan=self.plan, group_size=group)
         if start == 0 and stop == self.out_features:
             # The tensors themselves, not views: a training step then adds no slice nodes to the graph.

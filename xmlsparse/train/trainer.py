@@ -98,13 +98,10 @@ def build_optimizer(model: XMCModel, config: Config) -> torch.optim.Optimizer:
 def connect_head_to_optimizer(model: XMCModel, optimizer: torch.optim.Optimizer, config: Config) -> None:
     """With ``train.optimizer.head_update_in_backward`` and bf16 moments, give the fixed fan-in head
     the optimizer's gradient sink: the head's Adam step then runs inside its backward, range by
-    range, and its ``[L, K]`` gradient never exists. Other heads (grouped ones too) and optimizers
-    keep plain gradients."""
+    range, and its ``[L, K]`` gradient never exists. Other heads and optimizers keep plain gradients."""
     head = model.sparse_head
     if head is not None:
-        # A grouped head's op returns grad_W (the optimizer's own step then updates it).
-        wanted = (config.train.optimizer.head_update_in_backward and isinstance(optimizer, CompactAdam)
-                  and head.group_size == 1)
+        wanted = config.train.optimizer.head_update_in_backward and isinstance(optimizer, CompactAdam)
         head.grad_weight_sink = AdamGradSink(optimizer, head.weight) if wanted else None
 
 

@@ -37,19 +37,17 @@ def fixed_fanin(
     ``weight [L, K]``, ``bias [L]`` or None -> ``z [B, L]``. With ``sink`` the backward hands grad_W
     to it range by range and leaves ``weight.grad`` unset. ``by_input`` keeps the Triton backward's
     by-input index from one call to the next (its owner drops it when the indices change); ``plan``
-    sets the tiles, thresholds and chunk sizes. Grouped labels (``group_size`` > 1) take neither a
-    sink nor a by-input index."""
+    sets the tiles, thresholds and chunk sizes. Grouped labels (``group_size`` > 1) need no by-input
+    index."""
     chosen = resolve_impl(impl, h.device)
     if group_size != 1:
-        if sink is not None:
-            raise ValueError(f"group_size {group_size}: the grouped op returns grad_W and takes no gradient sink")
         if chosen == "triton":
             from xmlsparse.ops.fixed_fanin.grouped import grouped_fixed_fanin
 
-            return grouped_fixed_fanin(h, indices, weight, bias, group_size)
+            return grouped_fixed_fanin(h, indices, weight, bias, group_size, sink=sink, plan=plan)
         from xmlsparse.ops.fixed_fanin.reference import fixed_fanin as reference_fixed_fanin
 
-        return reference_fixed_fanin(h, indices, weight, bias, chunk_elements=plan.reference_chunk_elements,
+        return reference_fixed_fanin(h, indices, weight, bias, sink=sink, chunk_elements=plan.reference_chunk_elements,
                                      group_size=group_size)
     if chosen == "triton":
         from xmlsparse.ops.fixed_fanin.triton_op import fixed_fanin as triton_fixed_fanin

@@ -25,6 +25,8 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from xmlsparse.ops.fixed_fanin.checks import check_device, check_float, check_group_shapes, interpreting
+from xmlsparse.ops.fixed_fanin.plan import DEFAULT_PLAN, Plan
+from xmlsparse.ops.fixed_fanin.sink import GradWeightSink
 from xmlsparse.ops.fixed_fanin.triton_op import transpose_padded
 
 GROUP_SIZES = (16, 32, 64)
@@ -179,15 +181,17 @@ def grad_input(grad_out: torch.Tensor, indices: torch.Tensor, weight: torch.Tens
 
 
 class GroupedFixedFanInTriton(torch.autograd.Function):
-    """``z = fixed_fanin(h, I, W, bias, group_size=G)`` with the grouped kernels."""
+    """``z = fixed_fanin(h, I, W, bias, group_size=G)`` with the grouped kernels; with a sink the
+    backward hands grad_W to it range by range of whole groups, after grad_h."""
 
     @staticmethod
-    def forward(ctx, h, indices, weight, bias, group_size, out_dtype):  # noqa: D102 (autograd protocol)
+    def forward(ctx, h, indices, weight, bias, group_size, out_dtype, sink, plan):  # noqa: D102 (autograd protocol)
         h_t = transpose_padded(h)
         z = forward(h, indices, weight, bias, group_size, out_dtype, h_t)
         ctx.save_for_backward(h_t, indices, weight)
         ctx.group_size, ctx.n_inputs, ctx.h_dtype = group_size, h.shape[1], h.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.sink, ctx.plan = sink, plan
         return z
 
     @staticmethod
@@ -195,26 +199,38 @@ class GroupedFixedFanInTriton(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: D102 (autograd protocol)
         h_t, indices, weight = ctx.saved_tensors
         need_h, _, need_w, need_b = ctx.needs_input_grad[:4]
-        group = ctx.group_size
+        group, sink = ctx.group_size, ctx.sink if need_w else None
         grad_h = grad_input(grad_out, indices, weight, ctx.n_inputs, group, ctx.h_dtype) if need_h else None
-        grad_w = grad_weight(grad_out, h_t, indices, weight.shape[0], group, weight.dtype) if need_w else None
         grad_b = grad_out.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if need_b else None
-        return grad_h, None, grad_w, grad_b, None, None
+        if sink is None:
+            grad_w = grad_weight(grad_out, h_t, indices, weight.shape[0], group, weight.dtype) if need_w else None
+            return grad_h, None, grad_w, grad_b, None, None, None, None
+        sink.open()  # after grad_h, which reads the weights the sink may update
+        n_labels, fan_in = weight.shape
+        per_range = max(group, ctx.plan.sink_range_slots // max(1, fan_in) // group * group)
+        for start in range(0, n_labels, per_range):
+            stop = min(start + per_range, n_labels)
+            rows = indices[start // group : -(-stop // group)]
+            sink.take(start, stop, grad_weight(grad_out[:, start:stop], h_t, rows, stop - start, group, sink.dtype))
+        return grad_h, None, None, grad_b, None, None, None, None
 
 
 def grouped_fixed_fanin(h: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        group_size: int) -> torch.Tensor:
+                        group_size: int, sink: GradWeightSink | None = None, plan: Plan = DEFAULT_PLAN) -> torch.Tensor:
     """Differentiable grouped op ``h [B, D] -> z [B, L]``; dtypes as the plain Triton op (under
-    autocast h is cast to the autocast dtype and the logits come out in it)."""
+    autocast h is cast to the autocast dtype and the logits come out in it). With ``sink`` grad_W
+    goes to it in ranges of at most ``plan.sink_range_slots`` slots (whole groups)."""
     check_float("h", h)
     check_grouped(indices, weight, group_size)
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be [{weight.shape[0]}], got shape {tuple(bias.shape)}")
     check_device(h, indices, weight, *([bias] if bias is not None else []))
+    if sink is not None and not weight.is_contiguous():
+        raise ValueError("a weight whose gradient goes to a sink must be contiguous (the sink may write it)")
     if torch.is_autocast_enabled(h.device.type):
         h = h.to(torch.get_autocast_dtype(h.device.type))
         out_dtype = h.dtype
     else:
         out_dtype = torch.promote_types(h.dtype, weight.dtype)
     return GroupedFixedFanInTriton.apply(h, indices.contiguous(), weight.contiguous(),
-                                         None if bias is None else bias.contiguous(), group_size, out_dtype)
+                                         None if bias is None else bias.contiguous(), group_size, out_dtype, sink, plan)
