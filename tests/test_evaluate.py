@@ -18,7 +18,7 @@ def model_config(values: dict) -> ModelConfig:
 
 
 @pytest.mark.parametrize("head", [{"type": "fixed-fanin", "fan_in": 5}, {"type": "dense"}, {"type": "bottleneck", "rank": 4}])
-def test_label_blocks_top_k_equals_dense_top_k(head, monkeypatch):
+def test_label_blocks_top_k_equals_dense_top_k(head):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     X = rng.standard_normal((37, 12)).astype(np.float32)
@@ -28,22 +28,20 @@ def test_label_blocks_top_k_equals_dense_top_k(head, monkeypatch):
     with torch.no_grad():
         logits = model(batch)
         expected = topk_from_scores(logits, 7)
-        monkeypatch.setattr(evaluate_module, "LOGIT_ELEMENTS_PER_BLOCK", 37 * 10)  # blocks of 10 labels
         blocks = list(model.label_blocks(batch, 10))
         assert [start for start, _ in blocks] == list(range(0, 101, 10))
         torch.testing.assert_close(torch.cat([b for _, b in blocks], dim=1), logits)
-        _, ids = evaluate_module.topk_of_batch(model, batch, 7)
+        _, ids = evaluate_module.topk_of_batch(model, batch, 7, block_elements=37 * 10)  # blocks of 10 labels
     assert torch.equal(ids, expected)
 
 
-def test_ties_across_blocks_go_to_the_lower_label_id(monkeypatch):
+def test_ties_across_blocks_go_to_the_lower_label_id():
     model = build_model(model_config({"intermediate": None, "head": {"type": "dense"}}), 3, 25, "dense").eval()
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.copy_(torch.tensor([1.0, 2.0] * 12 + [2.0]))  # ties everywhere
     X = np.ones((2, 3), dtype=np.float32)
     batch = next(iter(BatchIterator(X, sp.csr_matrix((2, 25), dtype=np.float32), 2, shuffle=False)))
-    monkeypatch.setattr(evaluate_module, "LOGIT_ELEMENTS_PER_BLOCK", 2 * 4)
     with torch.no_grad():
-        _, ids = evaluate_module.topk_of_batch(model, batch, 5)
+        _, ids = evaluate_module.topk_of_batch(model, batch, 5, block_elements=2 * 4)
     assert ids.tolist() == [[1, 3, 5, 7, 9]] * 2

@@ -33,10 +33,12 @@ from xmlsparse.metrics import (
 LOGIT_ELEMENTS_PER_BLOCK = 1 << 26
 
 
-def topk_of_batch(model: torch.nn.Module, batch: Batch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k scores and label ids of a batch, streamed over label blocks and merged, so that no
-    ``B x L`` logit matrix exists (ties go to the lower label id, as in a dense top-k)."""
-    block = max(k, LOGIT_ELEMENTS_PER_BLOCK // max(1, batch.size))
+def topk_of_batch(model: torch.nn.Module, batch: Batch, k: int,
+                  block_elements: int = LOGIT_ELEMENTS_PER_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k scores and label ids of a batch, streamed over label blocks of about ``block_elements``
+    logits and merged, so that no ``B x L`` logit matrix exists (ties go to the lower label id, as
+    in a dense top-k)."""
+    block = max(k, block_elements // max(1, batch.size))
     best_vals = best_ids = None
     for start, logits in model.label_blocks(batch, block):
         # In the logits' own dtype: a float32 copy of a bf16 block would double its memory and

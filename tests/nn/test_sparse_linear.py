@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from xmlsparse.errors import XMLSparseError
-from xmlsparse.nn import sparse_linear
 from xmlsparse.nn.sparse_linear import FixedFanInLinear, redraw_distinct, sample_distinct_indices
 from xmlsparse.ops.fixed_fanin import reference
 
@@ -34,13 +33,13 @@ def test_sampling_is_uniform_over_inputs():
     assert (counts - 15000).abs().max() < 500
 
 
-def test_sampling_is_chunked_and_seeded(monkeypatch):
-    monkeypatch.setattr(sparse_linear, "SAMPLING_CHUNK_ELEMENTS", 37)  # rows per chunk not dividing 333
-    first = sample_distinct_indices(333, 500, 9, generator=torch.Generator().manual_seed(3))
-    again = sample_distinct_indices(333, 500, 9, generator=torch.Generator().manual_seed(3))
+def test_sampling_is_chunked_and_seeded():
+    # Rows per chunk not dividing 333.
+    first = sample_distinct_indices(333, 500, 9, generator=torch.Generator().manual_seed(3), chunk_elements=37)
+    again = sample_distinct_indices(333, 500, 9, generator=torch.Generator().manual_seed(3), chunk_elements=37)
     assert torch.equal(first, again)
     assert not has_repeats(first)
-    dense = sample_distinct_indices(333, 20, 19, generator=torch.Generator().manual_seed(3))
+    dense = sample_distinct_indices(333, 20, 19, generator=torch.Generator().manual_seed(3), chunk_elements=37)
     assert not has_repeats(dense)
 
 

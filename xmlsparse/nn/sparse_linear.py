@@ -67,7 +67,8 @@ def _redraw_by_ranking(
 
 
 def redraw_distinct(
-    indices: torch.Tensor, free: torch.Tensor, n_inputs: int, generator: torch.Generator | None = None
+    indices: torch.Tensor, free: torch.Tensor, n_inputs: int, generator: torch.Generator | None = None,
+    chunk_elements: int = SAMPLING_CHUNK_ELEMENTS,
 ) -> None:
     """Overwrite, in place, the slots of ``indices [L, K]`` where ``free [L, K]`` is True with
     uniformly random inputs in ``[0, n_inputs)`` that no other slot of the same row holds.
@@ -83,7 +84,7 @@ def redraw_distinct(
     # Measured crossover: rejection loops longer as rows fill up, ranking costs D per row.
     by_ranking = 8 * fan_in > n_inputs
     width = n_inputs + 1 if by_ranking else fan_in
-    step = max(1, SAMPLING_CHUNK_ELEMENTS // width)
+    step = max(1, chunk_elements // width)
     for start in range(0, n_rows, step):
         chunk_free = free[start : start + step]
         touched = chunk_free.any(1).nonzero().squeeze(1)
@@ -101,18 +102,20 @@ def sample_distinct_indices(
     k: int,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    chunk_elements: int = SAMPLING_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """int32 ``[n_rows, k]``: per row, ``k`` distinct inputs drawn uniformly from ``[0, n_inputs)``.
 
     Sampling runs on ``generator``'s device when one is given (then moves to ``device``), else
-    on ``device``.
+    on ``device``; rows are drawn in chunks whose temporaries hold ``chunk_elements`` elements.
     """
     if k > n_inputs:
         raise XMLSparseError(f"fan_in ({k}) must not exceed the number of inputs ({n_inputs})")
     target = torch.device(device) if device is not None else None
     where = generator.device if generator is not None else (target or torch.device("cpu"))
     indices = torch.zeros(n_rows, k, dtype=torch.int32, device=where)
-    redraw_distinct(indices, torch.ones(n_rows, k, dtype=torch.bool, device=where), n_inputs, generator)
+    redraw_distinct(indices, torch.ones(n_rows, k, dtype=torch.bool, device=where), n_inputs, generator,
+                    chunk_elements)
     return indices if target is None else indices.to(target)
 
 
