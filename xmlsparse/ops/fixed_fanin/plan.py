@@ -1,8 +1,8 @@
 """Tile sizes and thresholds of the fixed fan-in op, in one object.
 
-``Plan()`` holds the values measured fastest on an H100 and H200 (docs/benchmarks.md, "Fixed fan-in
-kernels"); a test or benchmark that wants other values constructs its own ``Plan`` and passes it
-to the op, rather than changing module state.
+``Plan()`` holds the values measured fastest on an H100 (docs/benchmarks.md, "Fixed fan-in op:
+Triton kernels on one H100", and the paragraph on ``Plan`` there); a test or benchmark that wants
+other values constructs its own ``Plan`` and passes it to the op, rather than changing module state.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ class Blocks:
     num_warps: int
 
 
-def _pow2_at_most(n: int, cap: int) -> int:
+def pow2_at_most(n: int, cap: int) -> int:
+    """The smallest power of two >= ``n``, capped at ``cap``."""
     return min(cap, 1 << (max(1, n) - 1).bit_length())
 
 
@@ -75,14 +76,14 @@ class Plan:
     def forward_blocks(self, batch_cols: int, fan_in: int) -> Blocks:
         """Tile for the forward gather, 8192 elements: smaller tiles of 2048-4096 ran up to 15x
         slower at the same bytes."""
-        block_b = _pow2_at_most(batch_cols, 128)
+        block_b = pow2_at_most(batch_cols, 128)
         block_k = _slot_block(fan_in, 8)
         block_l = max(1, min(256, 8192 // (block_k * block_b)))
         return Blocks(block_l, block_k, block_b, 4)
 
     def grad_weight_blocks(self, batch_cols: int, fan_in: int) -> Blocks:
         """Tile for the grad_W gather (a sum over the batch inside each tile), 8192 elements."""
-        block_b = _pow2_at_most(batch_cols, 64)
+        block_b = pow2_at_most(batch_cols, 64)
         block_k = _slot_block(fan_in, 16)
         block_l = max(1, min(256, 8192 // (block_k * block_b)))
         return Blocks(block_l, block_k, block_b, 4)
@@ -90,7 +91,7 @@ class Plan:
     def by_input_blocks(self, batch_cols: int) -> Blocks:
         """Tile for the by-input pass: ``block_l`` slots of one segment per step, one warp, up to
         512 batch columns per program."""
-        block_b = _pow2_at_most(batch_cols, 512)
+        block_b = pow2_at_most(batch_cols, 512)
         return Blocks(8 if block_b <= 128 else 4, 1, block_b, 1)
 
     def by_input_chunk_labels(self, fan_in: int, device: torch.device, batch: int, grad_dtype: torch.dtype,

@@ -40,7 +40,7 @@ from xmlsparse.ops.fixed_fanin.kernels import (
     grad_weight_kernel,
     transpose_kernel,
 )
-from xmlsparse.ops.fixed_fanin.plan import DEFAULT_PLAN, Blocks, Plan, _pow2_at_most, padded_width
+from xmlsparse.ops.fixed_fanin.plan import DEFAULT_PLAN, Blocks, Plan, pow2_at_most, padded_width
 from xmlsparse.ops.fixed_fanin.sink import GradWeightSink
 
 
@@ -61,7 +61,7 @@ def transpose_grad(grad_out: torch.Tensor) -> torch.Tensor:
     batch, n_labels = grad_out.shape
     width = padded_width(batch)
     g_t = torch.empty(n_labels, width, dtype=grad_out.dtype, device=grad_out.device)
-    block_b = _pow2_at_most(width, 64)
+    block_b = pow2_at_most(width, 64)
     block_l = max(16, 4096 // block_b)
     transpose_kernel[(triton.cdiv(n_labels, block_l),)](
         grad_out, grad_out.stride(0), grad_out.stride(1), g_t, width, batch, n_labels,
