@@ -64,3 +64,28 @@ def test_a_clustered_run_predicts_in_the_data_sets_label_ids(tmp_path):
     np.save(run / LABEL_ORDER_FILE, np.zeros(40, dtype=np.int64))
     with pytest.raises(XMLSparseError, match="expected an order of the 40 label ids"):
         load_run_inputs(run)
+
+
+def test_a_resumed_clustered_run_keeps_its_stored_label_order(tmp_path, monkeypatch):
+    runner = CliRunner()
+    data = tmp_path / "data"
+    result = runner.invoke(app, ["synth", "--n-train", "300", "--n-test", "50", "--n-labels", "40",
+                                 "--labels-per-point", "3", "--dim", "16", "--out", str(data)])
+    assert result.exit_code == 0, result.output
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"dataset": str(data), "features": "dense"},
+        "model": {"intermediate": {"size": 32}, "head": {"fan_in": 6, "group_size": 8, "grouping": "clustered"}},
+        "train": {"epochs": 1, "batch_size": 32, "device": "cpu"},
+    }))
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train", str(config), "--out", str(run)]).exit_code == 0
+    stored = np.load(run / LABEL_ORDER_FILE)
+
+    def no_new_clustering(*args, **kwargs):
+        raise AssertionError("a resumed run clustered its labels again")
+
+    monkeypatch.setattr("xmlsparse.train.setup.clustered_label_order", no_new_clustering)
+    result = runner.invoke(app, ["train", "--resume", str(run), "--set", "train.epochs=2"])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.load(run / LABEL_ORDER_FILE), stored)

@@ -46,6 +46,9 @@ from xmlsparse.train.memory import RunMemory, estimated_step_peak
 from xmlsparse.train.rewiring import Rewirer
 from xmlsparse.train.schedules import Schedule
 from xmlsparse.train.setup import (
+    RUN_INPUTS_FILE,
+    Preprocessing,
+    load_run_inputs,
     model_for,
     precision_on,
     prepare_data,
@@ -130,14 +133,16 @@ def train_step(
 class Trainer:
     """Owns the model, optimizer, schedule and rewiring of one run directory."""
 
-    def __init__(self, config: Config, run_dir: Path, device: torch.device) -> None:
+    def __init__(self, config: Config, run_dir: Path, device: torch.device,
+                 preprocess: Preprocessing | None = None) -> None:
         self.config = config
         self.run_dir = run_dir
         self.device = device
         self.precision = precision_on(device, config.train.precision)
         torch.manual_seed(config.train.seed)
         np.random.seed(config.train.seed)
-        self.data = prepare_data(config)
+        # A resumed run reads its data through the preprocessing it stored (its idf and label order).
+        self.data = prepare_data(config, preprocess)
         train = self.data.train
         self.model = model_for(config, train.n_features, train.n_labels, device)
         self.optimizer = build_optimizer(self.model, config)
@@ -532,7 +537,8 @@ def resume_run(run_dir: Path, device: str | None = None, epochs: int | None = No
     if epochs is not None:
         config = replace(config, train=replace(config.train, epochs=epochs))
     run_config = config if device is None else replace(config, train=replace(config.train, device=device))
-    trainer = Trainer(run_config, run_dir, resolve_device(run_config.train.device))
+    stored = load_run_inputs(run_dir).preprocess if (run_dir / RUN_INPUTS_FILE).is_file() else None
+    trainer = Trainer(run_config, run_dir, resolve_device(run_config.train.device), stored)
     trainer.restore(last)
     if epochs is not None:
         # final.json goes first: a kill in between then leaves the shorter run unfinished, which
