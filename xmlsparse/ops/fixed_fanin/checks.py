@@ -60,3 +60,24 @@ def check_group_shapes(indices: torch.Tensor, weight: torch.Tensor, group_size: 
     if weight.dim() != 2 or tuple(indices.shape) != want:
         what = "differs from indices shape" if group_size == 1 else f"needs indices of shape {want} (group_size {group_size}), got"
         raise ValueError(f"weight shape {tuple(weight.shape)} {what} {tuple(indices.shape)}")
+
+
+def check_call(h: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               sink: object | None) -> None:
+    """What the Triton ops check besides the index table's shape: ``bias [L]``, one device, and a
+    contiguous weight where a gradient sink may write it."""
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+    check_device(h, indices, weight, *([bias] if bias is not None else []))
+    if sink is not None and not weight.is_contiguous():
+        raise ValueError("a weight whose gradient goes to a sink must be contiguous (the sink may write it)")
+
+
+def logits_input(h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+    """``h`` as the op reads it and the logits' dtype: under autocast h is cast to the autocast
+    dtype and the logits come out in it, as ``torch.nn.functional.linear`` does (W is read in its
+    own dtype); otherwise the logits take ``promote_types(h.dtype, W.dtype)``."""
+    if torch.is_autocast_enabled(h.device.type):
+        h = h.to(torch.get_autocast_dtype(h.device.type))
+        return h, h.dtype
+    return h, torch.promote_types(h.dtype, weight.dtype)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from xmlsparse.ops.fixed_fanin.checks import check_device, check_float, check_group_shapes, interpreting
+from xmlsparse.ops.fixed_fanin.checks import check_call, check_float, check_group_shapes, interpreting, logits_input
 from xmlsparse.ops.fixed_fanin.plan import DEFAULT_PLAN, Plan
 from xmlsparse.ops.fixed_fanin.sink import GradWeightSink
 from xmlsparse.ops.fixed_fanin.triton_op import transpose_padded
@@ -222,15 +222,7 @@ def grouped_fixed_fanin(h: torch.Tensor, indices: torch.Tensor, weight: torch.Te
     goes to it in ranges of at most ``plan.sink_range_slots`` slots (whole groups)."""
     check_float("h", h)
     check_grouped(indices, weight, group_size)
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must be [{weight.shape[0]}], got shape {tuple(bias.shape)}")
-    check_device(h, indices, weight, *([bias] if bias is not None else []))
-    if sink is not None and not weight.is_contiguous():
-        raise ValueError("a weight whose gradient goes to a sink must be contiguous (the sink may write it)")
-    if torch.is_autocast_enabled(h.device.type):
-        h = h.to(torch.get_autocast_dtype(h.device.type))
-        out_dtype = h.dtype
-    else:
-        out_dtype = torch.promote_types(h.dtype, weight.dtype)
+    check_call(h, indices, weight, bias, sink)
+    h, out_dtype = logits_input(h, weight)
     return GroupedFixedFanInTriton.apply(h, indices.contiguous(), weight.contiguous(),
                                          None if bias is None else bias.contiguous(), group_size, out_dtype, sink, plan)

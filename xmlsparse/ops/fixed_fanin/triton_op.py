@@ -33,7 +33,7 @@ import triton
 from torch.autograd.function import once_differentiable
 
 from xmlsparse.ops.fixed_fanin.by_input import ByInputCache, ByInputIndex, build_by_input_index
-from xmlsparse.ops.fixed_fanin.checks import check_device, check_float, check_indices, new_out
+from xmlsparse.ops.fixed_fanin.checks import check_call, check_device, check_float, check_indices, logits_input, new_out
 from xmlsparse.ops.fixed_fanin.kernels import (
     forward_kernel,
     grad_input_by_input_kernel,
@@ -347,15 +347,7 @@ def fixed_fanin(h: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, bi
     the by-input index between backward passes."""
     check_float("h", h)
     check_indices(indices, weight)
-    if bias is not None and bias.shape != (indices.shape[0],):
-        raise ValueError(f"bias must be [{indices.shape[0]}], got shape {tuple(bias.shape)}")
-    check_device(h, indices, weight, *([bias] if bias is not None else []))
-    if sink is not None and not weight.is_contiguous():
-        raise ValueError("a weight whose gradient goes to a sink must be contiguous (the sink may write it)")
-    if torch.is_autocast_enabled(h.device.type):
-        h = h.to(torch.get_autocast_dtype(h.device.type))
-        out_dtype = h.dtype
-    else:
-        out_dtype = torch.promote_types(h.dtype, weight.dtype)
+    check_call(h, indices, weight, bias, sink)
+    h, out_dtype = logits_input(h, weight)
     return FixedFanInTriton.apply(h, indices.contiguous(), weight.contiguous(),
                                   None if bias is None else bias.contiguous(), out_dtype, sink, by_input, plan)
