@@ -23,34 +23,19 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def members(tmp_path_factory) -> tuple[list[Path], Path]:
+def members(train_tiny_run) -> tuple[list[Path], Path]:
     """Two runs on one synthetic set, one with BCE and seed 0, one with the softmax loss and seed 1."""
-    folder = tmp_path_factory.mktemp("ensemble")
-    data = folder / "data"
-    result = runner.invoke(app, ["synth", "--n-train", "500", "--n-test", "120", "--n-labels", "60",
-                                 "--labels-per-point", "3", "--dim", "20", "--out", str(data)])
-    assert result.exit_code == 0, result.output
-    config = folder / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"dataset": str(data), "features": "dense", "validation": 0.2},
-        "model": {"intermediate": {"size": 32}, "head": {"fan_in": 6}},
-        "train": {"epochs": 2, "batch_size": 32, "device": "cpu", "loss": "bce"},
-    }))
-    runs = []
-    for seed, loss in ((0, "bce"), (1, "softmax")):
-        run = folder / f"run-{loss}"
-        result = runner.invoke(app, ["train", str(config), "--out", str(run), "--set", f"train.seed={seed}",
-                                     "--set", f"train.loss={loss}"])
-        assert result.exit_code == 0, result.output
-        runs.append(run)
-    return runs, data
+    first, data = train_tiny_run("data.validation=0.2", "train.seed=0", "train.loss=bce")
+    second, _ = train_tiny_run("data.validation=0.2", "train.seed=1", "train.loss=softmax", data=data)
+    return [first, second], data
 
 
 def _all_logits(run: Path, data: Path) -> np.ndarray:
     """Every label's logit for every test point, through the run's own model (test oracle)."""
     _, stored, model, device = load_run_model(run, torch.device("cpu"))
     features = read_npy_features(data / "X.tst.npy")
-    test = stored.preprocess(XMCData(features, sp.csr_matrix((features.shape[0], stored.n_labels)), 20, stored.n_labels))
+    no_labels = sp.csr_matrix((features.shape[0], stored.n_labels))
+    test = stored.preprocess(XMCData(features, no_labels, features.shape[1], stored.n_labels))
     ids, scores = predict_topk(model, test, stored.n_labels, 64, device)
     logits = np.empty(ids.shape, dtype=np.float64)
     np.put_along_axis(logits, ids, scores, axis=1)
@@ -73,7 +58,7 @@ def test_the_ensemble_scores_the_mean_of_its_members_logits(tmp_path, members):
     result = runner.invoke(app, ["predict", str(out), str(data / "X.tst.npy"), "--top-k", "5",
                                  "--out", str(tmp_path / "pred.txt")])
     assert result.exit_code == 0, result.output
-    predicted = read_predictions(tmp_path / "pred.txt", n_labels=60)
+    predicted = read_predictions(tmp_path / "pred.txt", n_labels=80)
     mean = (_all_logits(runs[0], data) + _all_logits(runs[1], data)) / 2
     expected = np.argsort(-mean, axis=1, kind="stable")[:, :5]
     for row in range(mean.shape[0]):

@@ -3,7 +3,6 @@ the reference op, evaluation's label blocks, rewiring per group, and a training 
 
 import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
 from xmlsparse.cli import app
@@ -79,22 +78,9 @@ def test_rewiring_prunes_and_regrows_whole_group_slots(new_weights):
     assert bool((layer.indices != before_indices).any())
 
 
-def test_a_grouped_head_trains_and_evaluates(tmp_path):
-    runner = CliRunner()
-    data = tmp_path / "data"
-    result = runner.invoke(app, ["synth", "--n-train", "400", "--n-test", "100", "--n-labels", "50",
-                                 "--labels-per-point", "3", "--dim", "20", "--out", str(data)])
-    assert result.exit_code == 0, result.output
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"dataset": str(data), "features": "dense"},
-        "model": {"intermediate": {"size": 32}, "head": {"fan_in": 6, "group_size": 8}, "rewire": {"interval": 5}},
-        "train": {"epochs": 2, "batch_size": 32, "device": "cpu",
-                  "optimizer": {"moments": "bfloat16", "head_update_in_backward": True}},
-    }))
-    run = tmp_path / "run"
-    result = runner.invoke(app, ["train", str(config), "--out", str(run)])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["eval", str(run), "--buckets", "0"])
+def test_a_grouped_head_trains_and_evaluates(train_tiny_run):
+    run, _ = train_tiny_run("model.head.group_size=8", "train.optimizer.moments=bfloat16",
+                            "train.optimizer.head_update_in_backward=true")
+    result = CliRunner().invoke(app, ["eval", str(run), "--buckets", "0"])
     assert result.exit_code == 0, result.output
     assert "P " in result.output

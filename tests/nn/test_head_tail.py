@@ -7,10 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-import yaml
-from typer.testing import CliRunner
 
-from xmlsparse.cli import app
 from xmlsparse.config import config_from_dict
 from xmlsparse.data.batches import Batch
 from xmlsparse.data.types import XMCData
@@ -55,27 +52,7 @@ def test_the_dense_labels_come_first_in_the_label_order():
     assert order.tolist() == [2, 4, 0, 1, 3, 5]  # label 2 (3 points), label 4 (2), then the rest by id
 
 
-def test_a_split_run_predicts_in_the_data_sets_label_ids(tmp_path):
-    runner = CliRunner()
-    data = tmp_path / "data"
-    result = runner.invoke(app, ["synth", "--n-train", "400", "--n-test", "100", "--n-labels", "40",
-                                 "--labels-per-point", "3", "--dim", "16", "--out", str(data)])
-    assert result.exit_code == 0, result.output
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"dataset": str(data), "features": "dense"},
-        "model": {"intermediate": {"size": 32}, "head": {"fan_in": 6, "dense_head_labels": 0.1}},
-        "train": {"epochs": 2, "batch_size": 32, "device": "cpu"},
-    }))
-    run = tmp_path / "run"
-    result = runner.invoke(app, ["train", str(config), "--out", str(run)])
-    assert result.exit_code == 0, result.output
-    predictions = tmp_path / "pred.txt"
-    result = runner.invoke(app, ["predict", str(run), str(data / "X.tst.npy"), "--top-k", "5", "--out", str(predictions)])
-    assert result.exit_code == 0, result.output
-    scores = tmp_path / "scores.json"
-    result = runner.invoke(app, ["eval", "--predictions", str(predictions), "--truth", str(data / "Y.tst.npz"),
-                                 "--buckets", "0", "--json", str(scores)])
-    assert result.exit_code == 0, result.output
+def test_a_split_run_predicts_in_the_data_sets_label_ids(train_tiny_run, prediction_scores):
+    run, data = train_tiny_run("model.head.dense_head_labels=0.1")
     final = json.loads((run / "final.json").read_text())["test"]
-    assert json.loads(scores.read_text())["P@3"] == pytest.approx(final["P@3"])
+    assert prediction_scores(run, data)["P@3"] == pytest.approx(final["P@3"])
