@@ -86,17 +86,25 @@ class Oracle:
         return out
 
 
-def check_case(fan_in: int, batch: int, kind: str, n_inputs: int, n_labels: int, dev: torch.device,
-               seed: int) -> list[dict]:
+def problem(n_rows: int, fan_in: int, batch: int, kind: str, n_inputs: int, n_labels: int, dev: torch.device,
+            seed: int):
+    """``(generator, activation dtype, indices [n_rows, K], weight, bias, h, grad_out)`` of one case,
+    seeded, with repeated inputs in every fifth row of the indices."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     torch.manual_seed(seed)
     act = torch.float32 if kind == "fp32" else torch.bfloat16
-    indices = torch.randint(0, n_inputs, (n_labels, fan_in), device=dev, dtype=torch.int32)
+    indices = torch.randint(0, n_inputs, (n_rows, fan_in), device=dev, dtype=torch.int32)
     indices[::5, 1] = indices[::5, 0]  # repeats within rows
     weight = torch.randn(n_labels, fan_in, device=dev) / fan_in**0.5
     bias = torch.randn(n_labels, device=dev) * 0.1
     h = torch.randn(batch, n_inputs, device=dev).relu().to(act)
     grad_out = torch.randn(batch, n_labels, device=dev).to(act)
+    return gen, act, indices, weight, bias, h, grad_out
+
+
+def check_case(fan_in: int, batch: int, kind: str, n_inputs: int, n_labels: int, dev: torch.device,
+               seed: int) -> list[dict]:
+    gen, act, indices, weight, bias, h, grad_out = problem(n_labels, fan_in, batch, kind, n_inputs, n_labels, dev, seed)
     oracle = Oracle(h, indices, weight, bias, grad_out, gen)
     rows = []
 
@@ -133,16 +141,8 @@ def check_grouped_case(group: int, fan_in: int, batch: int, kind: str, n_inputs:
     against the float64 oracle of the plain op on the expanded indices."""
     from xmlsparse.ops.fixed_fanin.grouped import grouped_fixed_fanin
 
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    torch.manual_seed(seed)
-    act = torch.float32 if kind == "fp32" else torch.bfloat16
     n_groups = -(-n_labels // group)
-    indices = torch.randint(0, n_inputs, (n_groups, fan_in), device=dev, dtype=torch.int32)
-    indices[::5, 1] = indices[::5, 0]  # repeats within rows
-    weight = torch.randn(n_labels, fan_in, device=dev) / fan_in**0.5
-    bias = torch.randn(n_labels, device=dev) * 0.1
-    h = torch.randn(batch, n_inputs, device=dev).relu().to(act)
-    grad_out = torch.randn(batch, n_labels, device=dev).to(act)
+    gen, act, indices, weight, bias, h, grad_out = problem(n_groups, fan_in, batch, kind, n_inputs, n_labels, dev, seed)
     oracle = Oracle(h, indices.repeat_interleave(group, dim=0)[:n_labels], weight, bias, grad_out, gen)
     leaves = [t.clone().requires_grad_(True) for t in (h, weight, bias)]
     with PoisonedAllocations(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=kind == "bf16"):
