@@ -23,7 +23,7 @@ from xmlsparse.config import Config, save_config
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.metrics import DEFAULT_BUCKETS
 from xmlsparse.outputs import check_output_dir
-from xmlsparse.runs import ENSEMBLE_FILE, check_run_dir, ensemble_members, evaluate_run_dir, model_checkpoints
+from xmlsparse.runs import ENSEMBLE_FILE, check_run_dir, ensemble_members, load_run, model_checkpoints, score_split
 from xmlsparse.train.setup import IDF_FILE, LABEL_MAP_FILE, LABEL_ORDER_FILE, RUN_INPUTS_FILE, load_run_inputs
 
 # What a member's directory keeps for scoring, copied from the first member.
@@ -109,8 +109,9 @@ def create_ensemble(
             if (resolved[0] / name).exists():
                 shutil.copy2(resolved[0] / name, building / name)
         write_json(building / ENSEMBLE_FILE, {"members": [str(member) for member in resolved]})
-        validation, _ = evaluate_run_dir(building, "val", config.eval.k, buckets=0)
-        test, by_frequency = evaluate_run_dir(building, "test", config.eval.k, buckets=buckets)
+        loaded = load_run(building)  # the data and the members' models, read once for both splits
+        validation, _ = score_split(*loaded, "val", config.eval.k, buckets=0)
+        test, by_frequency = score_split(*loaded, "test", config.eval.k, buckets=buckets)
         final = {
             "members": [str(member) for member in resolved],
             "validation": validation,

@@ -142,31 +142,44 @@ def evaluate_run_dir(
     run_dir: Path, split: str, ks: list[int], save_predictions: bool = False, buckets: int = DEFAULT_BUCKETS
 ) -> tuple[dict[str, float], list[BucketRow] | None]:
     """Metrics of a run's best model on its test split or its validation split, and with ``buckets``
-    > 0 the table by label-frequency bucket (else None). Label frequencies, like the propensities,
-    are counted over the whole training file, the validation rows included."""
+    > 0 the table by label-frequency bucket (else None); see ``score_split``."""
     check_buckets(buckets)
     if save_predictions:
         check_run_dir(run_dir)  # before the output check, whose folder this is
         check_output_file(saved_predictions_path(run_dir, split))
     config, data, model, device = load_run(run_dir)
-    precision = precision_on(device, config.train.precision)
-    source = data.test if split == "test" else data.train
-    points = None if split == "test" else data.val_rows
-    batch_size = config.train.eval_batch_size
-    table = None
-    if buckets > 0:
-        metrics, table = evaluate_by_frequency(
-            model, source, ks, batch_size, device, precision, data.inv_propensity,
-            label_frequencies(data.train.Y), buckets, points,
-        )
-    else:
-        metrics = evaluate(model, source, ks, batch_size, device, precision, data.inv_propensity, points)
+    metrics, table = score_split(config, data, model, device, split, ks, buckets)
     if save_predictions:
+        source, points = _split_rows(data, split)
         subset = source if points is None else XMCData(source.X[points], source.Y[points], source.n_features, source.n_labels)
-        ids, scores = predict_topk(model, subset, max(ks), batch_size, device, precision)
+        precision = precision_on(device, config.train.precision)
+        ids, scores = predict_topk(model, subset, max(ks), config.train.eval_batch_size, device, precision)
         ids = data.preprocess.original_labels(ids)
         write_predictions(saved_predictions_path(run_dir, split), ids, scores, n_labels=source.n_labels)
     return metrics, table
+
+
+def _split_rows(data: PreparedData, split: str) -> tuple[XMCData, np.ndarray | None]:
+    """The data of ``split`` (test or val) and the rows of it that the split takes (None: all)."""
+    return (data.test, None) if split == "test" else (data.train, data.val_rows)
+
+
+def score_split(
+    config: Config, data: PreparedData, model: RunModel, device: torch.device, split: str, ks: list[int],
+    buckets: int = DEFAULT_BUCKETS,
+) -> tuple[dict[str, float], list[BucketRow] | None]:
+    """Metrics of a loaded run (``load_run``) on its test or validation split, and with ``buckets``
+    > 0 the table by label-frequency bucket (else None). Label frequencies, like the propensities,
+    are counted over the whole training file, the validation rows included."""
+    precision = precision_on(device, config.train.precision)
+    source, points = _split_rows(data, split)
+    batch_size = config.train.eval_batch_size
+    if buckets > 0:
+        return evaluate_by_frequency(
+            model, source, ks, batch_size, device, precision, data.inv_propensity,
+            label_frequencies(data.train.Y), buckets, points,
+        )
+    return evaluate(model, source, ks, batch_size, device, precision, data.inv_propensity, points), None
 
 
 def saved_predictions_path(run_dir: Path, split: str) -> Path:
