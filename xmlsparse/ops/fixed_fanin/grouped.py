@@ -6,9 +6,10 @@ with ``tl.dot``, so a pass gathers ``L/G * K * B`` activations instead of ``L * 
 arithmetic runs on the MMA units:
 
 * forward: programs over (group, batch block): ``z[group, b] = W_group [G, K] @ h^T[I_group, b]``;
-* grad_W: a program per group, over batch blocks: ``g[group, b] @ h^T[I_group, b]^T``;
-* grad_h: programs over (group, batch block): ``W_group^T @ g[group, b]``, ``[K, B_block]``, added
-  into an fp32 ``[D, B]`` buffer with atomics at the group's K input rows.
+* backward: a program per group, over batch blocks, reads each tile of the group's gradient once
+  for all three gradients: grad_W ``g[group, b] @ h^T[I_group, b]^T``, grad_bias the tile's sums,
+  and grad_h ``W_group^T @ g[group, b]`` (``[K, B_block]``), added into an fp32 ``[D, B]`` buffer
+  with atomics at the group's K input rows.
 
 With bf16 (or fp16) activations the dot reads bf16 and accumulates in fp32, the weights (fp32
 master weights too) rounded to the activations' dtype as ``F.linear`` does under autocast; with
@@ -64,44 +65,40 @@ def grouped_forward_kernel(
 
 
 @triton.jit
-def grouped_grad_weight_kernel(
-    ht_ptr, ldh, g_ptr, stride_gb, stride_gl, idx_ptr, gw_ptr, B, B_LOAD, L, K,
-    G: tl.constexpr, FP32: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+def grouped_backward_kernel(
+    ht_ptr, ldh, g_ptr, stride_gb, stride_gl, idx_ptr, w_ptr, acc_ptr, ld_acc, gw_ptr, gb_ptr, B, B_LOAD, L, K,
+    G: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, FP32: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
+    # One program per group reads the group's gradient tiles once for all three gradients.
     group = tl.program_id(0).to(tl.int64)
     offs_l = group * G + tl.arange(0, G)
     mask_l = offs_l < L
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         idx = tl.load(idx_ptr + group * K + offs_k).to(tl.int64)
-        acc = tl.zeros((G, BLOCK_K), dtype=tl.float32)
+        if NEED_H:
+            w = tl.load(w_ptr + offs_l[:, None] * K + offs_k[None, :], mask=mask_l[:, None], other=0.0)
+        acc_w = tl.zeros((G, BLOCK_K), dtype=tl.float32)
+        acc_b = tl.zeros((G,), dtype=tl.float32)
         for b0 in range(0, B, BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B)
+            mask_b = offs_b < B
             g = tl.load(g_ptr + offs_b.to(tl.int64)[None, :] * stride_gb + offs_l[:, None] * stride_gl,
-                        mask=mask_l[:, None] & (offs_b < B)[None, :], other=0.0)
-            x = tl.load(ht_ptr + idx[:, None] * ldh + offs_b[None, :], mask=(offs_b < B_LOAD)[None, :], other=0.0)
-            acc += _dot(g, tl.trans(x), FP32)
-        tl.store(gw_ptr + offs_l[:, None] * K + offs_k[None, :], acc.to(gw_ptr.dtype.element_ty), mask=mask_l[:, None])
-
-
-@triton.jit
-def grouped_grad_input_kernel(
-    g_ptr, stride_gb, stride_gl, idx_ptr, w_ptr, acc_ptr, ld_acc, B, L, K,
-    G: tl.constexpr, FP32: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
-):
-    group = tl.program_id(0).to(tl.int64)
-    offs_l = group * G + tl.arange(0, G)
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_l = offs_l < L
-    mask_b = offs_b < B
-    g = tl.load(g_ptr + offs_b.to(tl.int64)[None, :] * stride_gb + offs_l[:, None] * stride_gl,
-                mask=mask_l[:, None] & mask_b[None, :], other=0.0)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        idx = tl.load(idx_ptr + group * K + offs_k).to(tl.int64)
-        w = tl.load(w_ptr + offs_l[:, None] * K + offs_k[None, :], mask=mask_l[:, None], other=0.0)
-        part = _dot(tl.trans(w), g, FP32)  # [BLOCK_K, BLOCK_B]
-        tl.atomic_add(acc_ptr + idx[:, None] * ld_acc + offs_b[None, :], part, mask=mask_b[None, :], sem="relaxed")
+                        mask=mask_l[:, None] & mask_b[None, :], other=0.0)
+            if NEED_W:
+                x = tl.load(ht_ptr + idx[:, None] * ldh + offs_b[None, :], mask=(offs_b < B_LOAD)[None, :], other=0.0)
+                acc_w += _dot(g, tl.trans(x), FP32)
+            if NEED_H:
+                part = _dot(tl.trans(w), g, FP32)  # [BLOCK_K, BLOCK_B]
+                tl.atomic_add(acc_ptr + idx[:, None] * ld_acc + offs_b[None, :], part, mask=mask_b[None, :], sem="relaxed")
+            if NEED_B:
+                acc_b += tl.sum(g.to(tl.float32), axis=1)
+        if NEED_W:
+            tl.store(gw_ptr + offs_l[:, None] * K + offs_k[None, :], acc_w.to(gw_ptr.dtype.element_ty), mask=mask_l[:, None])
+        if NEED_B:
+            if k0 == 0:
+                tl.store(gb_ptr + offs_l, acc_b, mask=mask_l)
 
 
 def _blocks(batch: int, fan_in: int) -> tuple[int, int]:
@@ -150,34 +147,26 @@ def forward(h: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, bias: 
     return z
 
 
-def grad_weight(grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Tensor, n_labels: int, group_size: int,
-                out_dtype: torch.dtype) -> torch.Tensor:
-    """``grad_W [L, K]`` from ``grad_out [B, L]`` (any strides) and ``h^T``."""
-    batch, fan_in = grad_out.shape[0], indices.shape[1]
-    gw = torch.empty(n_labels, fan_in, dtype=out_dtype, device=grad_out.device)
-    if n_labels == 0:
-        return gw
-    block_k, block_b = _blocks(batch, fan_in)
-    grouped_grad_weight_kernel[(indices.shape[0],)](
-        h_t, h_t.shape[1], grad_out, grad_out.stride(0), grad_out.stride(1), indices, gw, batch, h_t.shape[1],
-        n_labels, fan_in, G=group_size, FP32=_fp32(grad_out, h_t), BLOCK_K=block_k, BLOCK_B=block_b, num_warps=4,
+def backward(grad_out: torch.Tensor, h_t: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, group_size: int,
+             acc: torch.Tensor | None, grad_w: torch.Tensor | None, grad_b: torch.Tensor | None) -> None:
+    """One pass over the groups of ``indices``, labels ``[0, weight.shape[0])`` of ``grad_out [B, L]``
+    (any strides): adds each group's ``W_group^T @ g`` into ``acc [D, B]`` (fp32, atomics) at its
+    input rows, writes ``grad_w [L, K]`` and the batch sums ``grad_b [L]`` (fp32), each where given."""
+    batch, n_labels = grad_out.shape[0], weight.shape[0]
+    if n_labels == 0 or (acc is None and grad_w is None and grad_b is None):
+        return
+    fan_in = weight.shape[1]
+    block_k = _blocks(batch, fan_in)[0]
+    # 64 columns, not the forward's 128: the atomics of grad_h then overlap the dots better.
+    block_b = min(64, max(16, triton.next_power_of_2(max(1, batch))))
+    placeholder = weight  # for the pointers of outputs not asked for (their code is compiled out)
+    grouped_backward_kernel[(indices.shape[0],)](
+        h_t, h_t.shape[1], grad_out, grad_out.stride(0), grad_out.stride(1), indices, weight,
+        placeholder if acc is None else acc, batch, placeholder if grad_w is None else grad_w,
+        placeholder if grad_b is None else grad_b, batch, h_t.shape[1], n_labels, fan_in, G=group_size,
+        NEED_H=acc is not None, NEED_W=grad_w is not None, NEED_B=grad_b is not None, FP32=_fp32(grad_out, h_t),
+        BLOCK_K=block_k, BLOCK_B=block_b, num_warps=4,
     )
-    return gw
-
-
-def grad_input(grad_out: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, n_inputs: int, group_size: int,
-               out_dtype: torch.dtype) -> torch.Tensor:
-    """``grad_h [B, D]``: each group's ``W_group^T @ g`` added at its K input rows (fp32 atomics)."""
-    batch, n_labels = grad_out.shape
-    acc = torch.zeros(n_inputs, batch, dtype=torch.float32, device=grad_out.device)
-    if batch > 0 and n_labels > 0:
-        block_k, block_b = _blocks(batch, weight.shape[1])
-        grouped_grad_input_kernel[(indices.shape[0], triton.cdiv(batch, block_b))](
-            grad_out, grad_out.stride(0), grad_out.stride(1), indices, weight, acc, batch, batch, n_labels,
-            weight.shape[1], G=group_size, FP32=_fp32(grad_out), BLOCK_K=block_k, BLOCK_B=block_b,
-            num_warps=4,
-        )
-    return acc.t().to(out_dtype)
 
 
 class GroupedFixedFanInTriton(torch.autograd.Function):
@@ -200,19 +189,27 @@ class GroupedFixedFanInTriton(torch.autograd.Function):
         h_t, indices, weight = ctx.saved_tensors
         need_h, _, need_w, need_b = ctx.needs_input_grad[:4]
         group, sink = ctx.group_size, ctx.sink if need_w else None
-        grad_h = grad_input(grad_out, indices, weight, ctx.n_inputs, group, ctx.h_dtype) if need_h else None
-        grad_b = grad_out.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if need_b else None
-        if sink is None:
-            grad_w = grad_weight(grad_out, h_t, indices, weight.shape[0], group, weight.dtype) if need_w else None
-            return grad_h, None, grad_w, grad_b, None, None, None, None
-        sink.open()  # after grad_h, which reads the weights the sink may update
         n_labels, fan_in = weight.shape
-        per_range = max(group, ctx.plan.sink_range_slots // max(1, fan_in) // group * group)
-        for start in range(0, n_labels, per_range):
-            stop = min(start + per_range, n_labels)
-            rows = indices[start // group : -(-stop // group)]
-            sink.take(start, stop, grad_weight(grad_out[:, start:stop], h_t, rows, stop - start, group, sink.dtype))
-        return grad_h, None, None, grad_b, None, None, None, None
+        acc = torch.zeros(ctx.n_inputs, grad_out.shape[0], dtype=torch.float32, device=grad_out.device) if need_h else None
+        grad_b = torch.empty(n_labels, dtype=torch.float32, device=grad_out.device) if need_b else None
+        grad_w = None
+        if sink is None:
+            grad_w = torch.empty(n_labels, fan_in, dtype=weight.dtype, device=weight.device) if need_w else None
+            backward(grad_out, h_t, indices, weight, group, acc, grad_w, grad_b)
+        else:
+            # Range by range: a range's grad_h terms are added in the pass that computes its
+            # grad_W, so the sink may update those labels' weights as soon as it takes them.
+            sink.open()
+            per_range = max(group, ctx.plan.sink_range_slots // max(1, fan_in) // group * group)
+            for start in range(0, n_labels, per_range):
+                stop = min(start + per_range, n_labels)
+                range_w = torch.empty(stop - start, fan_in, dtype=sink.dtype, device=weight.device)
+                backward(grad_out[:, start:stop], h_t, indices[start // group : -(-stop // group)], weight[start:stop],
+                         group, acc, range_w, None if grad_b is None else grad_b[start:stop])
+                sink.take(start, stop, range_w)
+        grad_h = acc.t().to(ctx.h_dtype) if need_h else None
+        grad_b = grad_b.to(ctx.bias_dtype) if need_b else None
+        return grad_h, None, grad_w, grad_b, None, None, None, None
 
 
 def grouped_fixed_fanin(h: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
