@@ -5,7 +5,10 @@ grad_W) or inputs (columns of grad_h), with a float64 computation from the same 
 relative error ||got - ref|| / ||ref|| <= 1e-5 with float32 inputs, <= 1e-2 with bf16 activations.
 Prints a table, writes JSON to $OUT/check_ops_gpu.json (or --out), exits 1 on any failure.
 
-    PYTHONPATH=. python scripts/check_ops_gpu.py [--quick]
+    PYTHONPATH=. python scripts/check_ops_gpu.py [--quick] [--only plain|grouped]
+
+The grouped op is checked at G = 16, 32, 64, K = 32, 64, 128 and B = 32, 128, 512 (--quick: G = 16,
+32, K = 64, B = 7, 128).
 """
 
 from __future__ import annotations
@@ -156,6 +159,7 @@ def check_grouped_case(group: int, fan_in: int, batch: int, kind: str, n_inputs:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="K=64 only, B in {7, 128}")
+    parser.add_argument("--only", choices=("plain", "grouped"), help="check one op only")
     parser.add_argument("--labels", type=int, default=N_LABELS, help="L (default: Amazon-670K's)")
     parser.add_argument("--inputs", type=int, default=N_INPUTS, help="D")
     parser.add_argument("--device", default="cuda", help="cpu runs the Triton interpreter (small --labels)")
@@ -167,7 +171,9 @@ def main() -> int:
         return 2
     fan_ins, batches = ((64,), (7, 128)) if args.quick else ((32, 64, 72), (1, 7, 128, 512))
     cases = [(k, b, kind, args.inputs) for k in fan_ins for b in batches for kind in ("fp32", "bf16")]
-    if not args.quick:
+    if args.only == "grouped":
+        cases = []
+    elif not args.quick:
         # D = 2**20, and B * L past 2**31 (int64 offsets in the logits and gradients).
         cases += [(32, 32, "bf16", 2**20), (32, 4096, "bf16", args.inputs)]
     rows, start = [], time.time()
@@ -175,8 +181,10 @@ def main() -> int:
         rows += check_case(k, b, kind, d, args.labels, dev, seed=i)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    groups = (16, 32) if args.quick else (16, 32, 64)
-    grouped = [(g, k, b, kind) for g in groups for k in fan_ins if k % 16 == 0 for b in batches for kind in ("fp32", "bf16")]
+    groups, fan_ins, batches = ((16, 32), (64,), (7, 128)) if args.quick else ((16, 32, 64), (32, 64, 128), (32, 128, 512))
+    grouped = [(g, k, b, kind) for g in groups for k in fan_ins for b in batches for kind in ("fp32", "bf16")]
+    if args.only == "plain":
+        grouped = []
     for i, (g, k, b, kind) in enumerate(grouped):
         rows += check_grouped_case(g, k, b, kind, args.inputs, args.labels, dev, seed=1000 + i)
         if dev.type == "cuda":
@@ -191,7 +199,7 @@ def main() -> int:
         key = (r["dtype"], r["path"], r["output"])
         if key not in worst or not (r["rel_err"] <= worst[key]["rel_err"]):
             worst[key] = r
-    print(f"\ncheck_ops_gpu: {len(rows)} checks over {len(cases)} shapes, {len(failed)} failed "
+    print(f"\ncheck_ops_gpu: {len(rows)} checks over {len(cases) + len(grouped)} shapes, {len(failed)} failed "
           f"({time.time() - start:.0f} s, {device_name}, L={args.labels})")
     print(f"{'dtype':5} {'path':22} {'output':9} {'worst rel err':>13} {'at K,B,D':>16} {'bound':>7}")
     for (kind, path, name), r in sorted(worst.items()):

@@ -47,10 +47,12 @@ def test_label_blocks_of_a_grouped_model_cover_every_label_once():
     torch.testing.assert_close(torch.cat([logits for _, logits in blocks], dim=1), whole)
 
 
-def test_group_magnitudes_average_over_each_groups_labels():
+@pytest.mark.parametrize("chunk_slots", [1, 4, 1 << 22], ids=["group-by-group", "two-groups", "one-piece"])
+def test_group_magnitudes_average_over_each_groups_labels(chunk_slots):
     weight = torch.arange(10.0).view(5, 2) - 4  # rows [-4,-3] [-2,-1] [0,1] [2,3] [4,5]
-    scores = group_magnitudes(weight, 2)
+    scores = group_magnitudes(weight, 2, chunk_slots)
     torch.testing.assert_close(scores, torch.tensor([[3.0, 2.0], [1.0, 2.0], [4.0, 5.0]]))
+    assert weight.min() == -4  # the weights are read, not changed
 
 
 @pytest.mark.parametrize("new_weights", ["zero", "random"])

@@ -78,16 +78,23 @@ def reset_optimizer_slots(optimizer: torch.optim.Optimizer | None, parameter: to
             value.masked_fill_(mask, 0)
 
 
-def group_magnitudes(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+def group_magnitudes(weight: torch.Tensor, group_size: int, chunk_slots: int = SELECT_CHUNK_SLOTS) -> torch.Tensor:
     """``[ceil(L / G), K]``: each group's mean |W| over its labels (a partial last group over the
-    labels it has), the score by which a grouped layer's slots are pruned."""
+    labels it has), the score by which a grouped layer's slots are pruned. Computed over pieces of
+    about ``chunk_slots`` weights, so that no fp32 copy of the whole ``[L, K]`` weight exists."""
     n_labels, fan_in = weight.shape
-    n_groups = -(-n_labels // group_size)
-    sums = torch.zeros(n_groups * group_size, fan_in, dtype=torch.float32, device=weight.device)
-    sums[:n_labels] = weight.detach().abs()
-    counts = torch.full((n_groups, 1), float(group_size), device=weight.device)
-    counts[-1] = n_labels - (n_groups - 1) * group_size
-    return sums.view(n_groups, group_size, fan_in).sum(1) / counts
+    whole, n_groups = n_labels // group_size, -(-n_labels // group_size)
+    weight = weight.detach()
+    out = torch.empty(n_groups, fan_in, dtype=torch.float32, device=weight.device)
+    per_piece = max(1, chunk_slots // (group_size * fan_in))
+    for start in range(0, whole, per_piece):
+        stop = min(start + per_piece, whole)
+        piece = weight[start * group_size : stop * group_size].view(stop - start, group_size, fan_in)
+        out[start:stop] = piece.abs().sum(1, dtype=torch.float32).div_(group_size)
+    if whole < n_groups:
+        tail = weight[whole * group_size :]
+        out[whole] = tail.abs().sum(0, dtype=torch.float32).div_(tail.shape[0])
+    return out
 
 
 class Rewirer:
@@ -147,7 +154,7 @@ class Rewirer:
             return 0.0
         group = layer.group_size
         # A group's slot is scored by the mean |W| over its labels; a pruned slot is regrown for all of them.
-        pruned = self._select_pruned(weight if group == 1 else group_magnitudes(weight, group), threshold, generator)
+        pruned = self._select_pruned(weight if group == 1 else group_magnitudes(weight, group, self.select_chunk_slots), threshold, generator)
         # Counted piece by piece: a bool tensor's sum() first makes an int64 copy (8 bytes a slot).
         n_pruned = sum(int(piece.sum()) for piece in pruned.view(-1).split(self.select_chunk_slots))
         if n_pruned:
