@@ -8,13 +8,16 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.outputs import check_output_dir, check_output_file
+
+if TYPE_CHECKING:
+    from xmlsparse.parallel.world import World
 
 
 class _ClickStyleHelp:
@@ -254,7 +257,19 @@ def train(
     ),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: the config's, auto)."),
 ) -> None:
-    """Train a model; writes a run directory with checkpoints, metrics.jsonl and final.json."""
+    """Train a model; writes a run directory with checkpoints, metrics.jsonl and final.json.
+    Started by torchrun (torchrun --nproc_per_node=N -m xmlsparse train ...), N processes train one
+    run together: the head sharded by labels, the rest data-parallel."""
+    from xmlsparse.parallel.world import peers_failures_named, world_from_env
+
+    world = world_from_env()
+    with peers_failures_named(world):
+        _train(config, set_, out, overwrite, resume, device, world)
+
+
+def _train(config: Path | None, set_: list[str], out: Path | None, overwrite: bool, resume: Path | None,
+           device: str | None, world: World) -> None:
+    """``train``'s work, as one process of ``world``."""
     from xmlsparse.config import load_config
     from xmlsparse.train.trainer import RunFinished, resume_run, start_run
 
@@ -264,9 +279,10 @@ def train(
         _check_resume_arguments(resume, config, out, overwrite)
         check_output_dir(resume)
         try:
-            trainer = resume_run(resume, device, _resume_epochs(set_))
+            trainer = resume_run(resume, device, _resume_epochs(set_), world)
         except RunFinished as finished:
-            typer.echo(str(finished))
+            if world.is_main:
+                typer.echo(str(finished))
             return
     else:
         if config is None:
@@ -275,12 +291,13 @@ def train(
         cfg = load_config(config, overrides)
         run_dir = out if out is not None else Path("runs") / config.stem
         check_output_dir(run_dir)
-        trainer = start_run(cfg, run_dir, overwrite=overwrite)
+        trainer = start_run(cfg, run_dir, overwrite=overwrite, world=world)
     final = trainer.fit()
     if final is None:
         raise typer.Exit(130)
-    typer.echo(f"test metrics of the best checkpoint ({trainer.run_dir / 'final.json'}):")
-    _print_metrics(final["test"])
+    if world.is_main:
+        typer.echo(f"test metrics of the best checkpoint ({trainer.run_dir / 'final.json'}):")
+        _print_metrics(final["test"])
 
 
 def _check_resume_arguments(resume: Path, config: Path | None, out: Path | None, overwrite: bool) -> None:

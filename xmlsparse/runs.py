@@ -23,6 +23,7 @@ from xmlsparse.metrics import DEFAULT_BUCKETS, BucketRow, label_frequencies
 from xmlsparse.nn.ensemble import LogitEnsemble
 from xmlsparse.nn.model import XMCModel
 from xmlsparse.outputs import check_output_file
+from xmlsparse.parallel.checkpoints import manifest_path, merged_model_state
 from xmlsparse.train.checkpoint import BEST, LAST, load_checkpoint
 from xmlsparse.train.setup import (
     RUN_INPUTS_FILE,
@@ -47,7 +48,10 @@ def check_run_dir(run_dir: Path) -> Path:
 
 def _run_checkpoint(run_dir: Path) -> Path:
     """The best (else last) checkpoint of a run directory."""
-    checkpoint = next((p for p in (run_dir / "checkpoints" / BEST, run_dir / "checkpoints" / LAST) if p.exists()), None)
+    candidates = [run_dir / "checkpoints" / name for name in (BEST, LAST)]
+    # A run trained by several processes has manifests of per-rank shards instead.
+    candidates = [path for checkpoint in candidates for path in (checkpoint, manifest_path(checkpoint))]
+    checkpoint = next((p for p in candidates if p.exists()), None)
     if checkpoint is None:
         raise XMLSparseError(f"{run_dir}: no checkpoint yet (checkpoints/{BEST} and {LAST} are missing)")
     return checkpoint
@@ -96,7 +100,8 @@ def _load_models(
         model = model_for(config, n_features, n_labels, device)
         # Mapped to host memory and copied into the model: of a last.pt only the model is read, not
         # the optimizer moments beside it.
-        model.load_state_dict(load_checkpoint(checkpoint, mmap=True)["model"])
+        sharded = checkpoint.suffix == manifest_path(checkpoint).suffix
+        model.load_state_dict(merged_model_state(checkpoint) if sharded else load_checkpoint(checkpoint, mmap=True)["model"])
         models.append(model)
     return models[0] if len(models) == 1 else LogitEnsemble(models).eval()
 

@@ -24,10 +24,12 @@ import hashlib
 import math
 
 import torch
+import torch.distributed as dist
 
 from xmlsparse.config import RewireConfig
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
+from xmlsparse.parallel.world import SINGLE, World
 
 # Slots of the weight handled at once when selecting the slots to prune. The selection runs over
 # pieces of the flattened weight so that its temporaries stay near 13 bytes a slot of one piece
@@ -43,11 +45,13 @@ def _magnitude_bits(piece: torch.Tensor) -> torch.Tensor:
     return piece.float().view(torch.int32) & 0x7FFFFFFF
 
 
-def _radix_select(keys_of, n_pieces: int, k: int, device: torch.device) -> tuple[int, int, int]:
+def _radix_select(keys_of, n_pieces: int, k: int, device: torch.device,
+                  across_ranks: bool = False) -> tuple[int, int, int]:
     """The ``k``-th smallest (from 1) of the non-negative int32 keys that ``keys_of(p)`` gives for
     the pieces ``p < n_pieces`` (negative keys are left out), how many keys lie below it and how
     many equal it. One pass over the pieces per 8-bit digit, most significant first (4 passes),
-    each a bincount of the digits of the keys that match the digits fixed so far."""
+    each a bincount of the digits of the keys that match the digits fixed so far; ``across_ranks``
+    sums each pass's counts over the processes, so that the answer is over all ranks' keys."""
     prefix, below, shift = 0, 0, 31
     while shift > 0:
         width = min(_RADIX_BITS, shift)
@@ -59,6 +63,8 @@ def _radix_select(keys_of, n_pieces: int, k: int, device: torch.device) -> tuple
             digit = (key >> shift).bitwise_and_((1 << width) - 1).masked_fill_(outside, 1 << width)
             del key, outside
             counts += torch.bincount(digit, minlength=(1 << width) + 1)
+        if across_ranks:
+            dist.all_reduce(counts)
         for value, count in enumerate(counts[:-1].tolist()):
             if below + count >= k:
                 break
@@ -109,11 +115,15 @@ class Rewirer:
     """
 
     def __init__(self, section: RewireConfig, *, total_steps: int, seed: int,
-                 select_chunk_slots: int = SELECT_CHUNK_SLOTS) -> None:
+                 select_chunk_slots: int = SELECT_CHUNK_SLOTS, world: World = SINGLE) -> None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise XMLSparseError(f"rewire total_steps must be a positive integer, got {total_steps!r}")
         self.interval = section.interval
         self.select_chunk_slots = select_chunk_slots  # pieces of the pruning selection (tests use small ones)
+        # With a label-sharded head, fraction mode prunes the smallest share of all ranks' slots,
+        # as one process pruning the whole layer would (a share of each rank's would prune the
+        # labels of every rank alike, whatever their magnitudes). Collective then.
+        self.world = world
         self.total_steps = total_steps
         # The two rules are alternatives: a threshold, when given, replaces the fraction.
         self.fraction = section.fraction if section.threshold is None else None
@@ -189,17 +199,23 @@ class Rewirer:
             for s, e in bounds:
                 torch.lt(flat[s:e].abs().float(), threshold, out=pruned[s:e])
             return pruned.view_as(weight)
-        n_prune = round(self.fraction * n_slots)
+        across = self.world.distributed
+        n_prune = round(self.fraction * (self._sum_over_ranks(n_slots, device) if across else n_slots))
         if n_prune == 0:
             return torch.zeros_like(weight, dtype=torch.bool)
 
         def bits(p: int) -> torch.Tensor:
             return _magnitude_bits(flat[bounds[p][0] : bounds[p][1]])
 
-        kth, below, n_ties = _radix_select(bits, len(bounds), n_prune, device)
+        kth, below, n_ties = _radix_select(bits, len(bounds), n_prune, device, across_ranks=across)
         for p, (s, e) in enumerate(bounds):
             torch.lt(bits(p), kth, out=pruned[s:e])
         missing = n_prune - below
+        if across:  # this rank's quota of the ties, in rank order
+            n_ties = sum(int((bits(p) == kth).sum()) for p in range(len(bounds)))
+            ties_by_rank = [0] * self.world.size
+            dist.all_gather_object(ties_by_rank, n_ties)
+            missing = min(n_ties, max(0, missing - sum(ties_by_rank[: self.world.rank])))
         if missing <= 0:
             return pruned.view_as(weight)
         # Magnitudes tied at the cut (zeros of freshly regrown slots, say): a random subset of them.
@@ -235,6 +251,12 @@ class Rewirer:
                     extra -= min(extra, int(at_cut.sum()))
                 pruned[s:e] |= take
         return pruned.view_as(weight)
+
+    @staticmethod
+    def _sum_over_ranks(count: int, device: torch.device) -> int:
+        total = torch.tensor(count, dtype=torch.int64, device=device)
+        dist.all_reduce(total)
+        return int(total)
 
     def _round_seed(self) -> int:
         digest = hashlib.blake2b(f"{self.seed}:{self.rounds}".encode(), digest_size=8).digest()

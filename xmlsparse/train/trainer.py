@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from xmlsparse.atomic import atomic_write, remove_partial_writes, write_json
@@ -39,6 +40,10 @@ from xmlsparse.errors import XMLSparseError
 from xmlsparse.evaluate import autocast_for, evaluate, evaluate_by_frequency
 from xmlsparse.metrics import label_frequencies
 from xmlsparse.nn.model import XMCModel
+from xmlsparse.parallel.checkpoints import load_rank_shard, manifest_path, save_sharded
+from xmlsparse.parallel.evaluation import evaluate_sharded
+from xmlsparse.parallel.sharded import ShardedBatches, ShardedModel, check_shardable, sharded_model_for
+from xmlsparse.parallel.world import SINGLE, World, init_world, label_ranges, rank_seed
 from xmlsparse.train.checkpoint import BEST, LAST, CheckpointWriter, load_checkpoint, rng_state, set_rng_state
 from xmlsparse.train.compact_adam import AdamGradSink, CompactAdam
 from xmlsparse.train.losses import LossFn, loss_fn
@@ -108,6 +113,16 @@ def connect_head_to_optimizer(model: XMCModel, optimizer: torch.optim.Optimizer,
         head.grad_weight_sink = AdamGradSink(optimizer, head.weight) if wanted else None
 
 
+def _share_of_mean(loss: LossFn, share: float) -> LossFn:
+    """``loss`` (a mean over the B x L' pairs of a rank's L' labels) scaled to the rank's part of
+    the mean over all B x L pairs: the ranks' parts add up to the one-process loss."""
+
+    def scaled(logits: torch.Tensor, y_indices: torch.Tensor, y_ptr: torch.Tensor) -> torch.Tensor:
+        return loss(logits, y_indices, y_ptr) * share
+
+    return scaled
+
+
 def train_step(
     model: XMCModel,
     batch: Batch,
@@ -134,19 +149,34 @@ class Trainer:
     """Owns the model, optimizer, schedule and rewiring of one run directory."""
 
     def __init__(self, config: Config, run_dir: Path, device: torch.device,
-                 preprocess: Preprocessing | None = None) -> None:
+                 preprocess: Preprocessing | None = None, world: World = SINGLE) -> None:
         self.config = config
         self.run_dir = run_dir
         self.device = device
+        self.world = world
         self.precision = precision_on(device, config.train.precision)
         torch.manual_seed(config.train.seed)
         np.random.seed(config.train.seed)
         # A resumed run reads its data through the preprocessing it stored (its idf and label order).
         self.data = prepare_data(config, preprocess)
         train = self.data.train
-        self.model = model_for(config, train.n_features, train.n_labels, device)
+        # Several processes: this rank's labels (the whole head in a world of one).
+        self.label_range = (0, train.n_labels)
+        if world.distributed:
+            check_shardable(config)
+            self.label_range = label_ranges(train.n_labels, config.model.head.group_size, world.size)[world.rank]
+        if world.distributed:
+            self.model = sharded_model_for(config, train.n_features, train.n_labels, self.label_range, device)
+        else:
+            self.model = model_for(config, train.n_features, train.n_labels, device)
+        # The replicated layers start alike on every rank (same seed above); dropout draws its own.
+        torch.manual_seed(rank_seed(config.train.seed, world.rank))
         self.optimizer = build_optimizer(self.model, config)
         connect_head_to_optimizer(self.model, self.optimizer, config)
+        # What the step and evaluation call: the model, or its label-sharded wrapper over the ranks.
+        self.step_model: XMCModel | ShardedModel = self.model
+        if world.distributed:
+            self.step_model = ShardedModel(self.model, world, self.label_range, device)
         batch_size = config.train.batch_size
         steps_per_epoch = math.ceil(len(self.data.train_rows) / batch_size)
         if config.train.max_steps_per_epoch:
@@ -157,6 +187,8 @@ class Trainer:
         self.rewirer = self._build_rewirer()
         # The step drops the logits after the loss, so the loss may write their gradient over them.
         self.loss = loss_fn(config.train.loss, consume_logits=True)
+        if world.distributed:  # this rank's pairs of the mean over B x L
+            self.loss = _share_of_mean(self.loss, (self.label_range[1] - self.label_range[0]) / train.n_labels)
         self.epoch = 0
         self.batch_in_epoch = 0
         self.step = 0
@@ -176,7 +208,8 @@ class Trainer:
         rewire = self.config.model.rewire
         if rewire is None or self.config.model.head.type != "fixed-fanin":
             return None
-        return Rewirer(rewire, total_steps=self.total_steps, seed=self.config.train.seed)
+        return Rewirer(rewire, total_steps=self.total_steps, seed=rank_seed(self.config.train.seed, self.world.rank),
+                       world=self.world)
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -203,7 +236,7 @@ class Trainer:
     def restore(self, path: Path) -> None:
         # Read to host memory, then copied into the live tensors: loaded straight to the device the
         # checkpoint would sit beside the model and optimizer state it is copied into.
-        state = load_checkpoint(path)
+        state = self._load(path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -218,6 +251,18 @@ class Trainer:
         # A last.pt written before the epoch's wall time was counted lacks that total.
         self.epoch_stats = {**_fresh_epoch_stats(), **state["epoch_stats"]}
         self._full_save_epoch = self.epoch
+
+    def _load(self, path: Path, mmap: bool = False) -> dict[str, Any]:
+        """This process's checkpoint at ``path`` (one process: the file; several: its shard under
+        the manifest that stands for the file)."""
+        manifest = manifest_path(path)
+        if self.world.distributed:
+            if not manifest.exists() and path.exists():
+                raise XMLSparseError(f"{path} was written by one process; resume it without torchrun")
+            return load_rank_shard(manifest, self.world, mmap=mmap)
+        if not path.exists() and manifest.exists():
+            load_rank_shard(manifest, self.world)  # raises: written by several processes
+        return load_checkpoint(path, mmap=mmap)
 
     def _save_checkpoints(self, last: bool, best: bool) -> None:
         """Hand last.pt (the full state) and best.pt (the model, the epoch and its score) to the writer.
@@ -235,7 +280,9 @@ class Trainer:
             files[self.checkpoint_dir / LAST] = self.state()
             self._full_save_time = time.monotonic()
             self._full_save_epoch = self.epoch
-        if files:
+        if files and self.world.distributed:
+            save_sharded(self.checkpoints, self.world, files, self.step)
+        elif files:
             self.checkpoints.save(files)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -244,7 +291,18 @@ class Trainer:
         self._stop_requested = True
 
     def _log(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        if self.world.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    def _agree(self, running: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The loss summed so far over the ranks, and whether any rank was asked to stop (SIGINT),
+        so that all ranks leave an epoch at the same batch. Collective when distributed."""
+        if not self.world.distributed:
+            return running, self._stop_requested
+        shared = torch.stack([running, torch.tensor(float(self._stop_requested), device=running.device,
+                                                    dtype=running.dtype)])
+        dist.all_reduce(shared)
+        return shared[0], bool(shared[1] > 0)
 
     def summary(self) -> str:
         """What the run is about to train, logged before its first epoch: the data, the model's
@@ -275,6 +333,10 @@ class Trainer:
             f"optimizer state {format_bytes(peak['optimizer_state'])}, "
             f"one batch's logits {format_bytes(peak['logits'])})",
             f"run:    {self.run_dir.absolute()}{resumed}",
+            *([f"world:  {self.world.size} processes ({dist.get_backend()}), labels by rank: "
+               + ", ".join(f"{rank}: [{lo:,}, {hi:,})" for rank, (lo, hi) in
+                           enumerate(label_ranges(train.n_labels, config.model.head.group_size, self.world.size)))]
+              if self.world.distributed else []),
         ])
 
     def _train_epoch(self) -> bool:
@@ -287,7 +349,8 @@ class Trainer:
         )
         iterator.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
         n_batches = min(len(iterator), self.steps_per_epoch)
-        batches = Prefetcher(iterator, self.device)
+        source = ShardedBatches(iterator, self.world, self.label_range) if self.world.distributed else iterator
+        batches = Prefetcher(source, self.device)
         running = torch.zeros((), device=self.device, dtype=torch.float64)
         bar = tqdm(
             total=n_batches, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}",
@@ -301,7 +364,8 @@ class Trainer:
             if self.batch_in_epoch >= n_batches:
                 break
             run = partial(
-                train_step, self.model, batch, optimizer=self.optimizer, device=self.device, precision=self.precision,
+                train_step, self.step_model, batch, optimizer=self.optimizer, device=self.device,
+                precision=self.precision,
             )
             loss = self.memory.around_step(self.step, run, self.loss)
             self.schedule.after_step()
@@ -314,15 +378,18 @@ class Trainer:
                 fraction = self.rewirer.maybe_rewire(self.model.sparse_head, self.optimizer, self.step)
                 if fraction is not None:
                     self.epoch_stats["rewired"] += fraction
+            stop = self._stop_requested and not self.world.distributed
             if self.batch_in_epoch % FINITE_CHECK_INTERVAL == 0 or self.batch_in_epoch == n_batches:
-                self._check_finite(running)
-                bar.set_postfix(loss=f"{running.item() / done_here:.4g}")
+                total, stop = self._agree(running)
+                self._check_finite(total)
+                bar.set_postfix(loss=f"{total.item() / done_here:.4g}")
             bar.update(1)
-            if self._stop_requested:
+            if stop:
                 break
         bar.close()
-        self._check_finite(running)
-        self.epoch_stats["loss_sum"] += float(running.item())
+        total, _ = self._agree(running)
+        self._check_finite(total)
+        self.epoch_stats["loss_sum"] += float(total.item())
         self.epoch_stats["batches"] = self.batch_in_epoch
         self.epoch_stats["seconds"] += time.perf_counter() - started
         self.epoch_stats["wall_seconds"] += time.perf_counter() - entered
@@ -348,10 +415,16 @@ class Trainer:
         """Validate, checkpoint, log; True when early stopping ends the run."""
         config = self.config
         validation_started = time.perf_counter()
-        val = evaluate(
-            self.model, self.data.train, config.eval.k, config.train.eval_batch_size, self.device,
-            self.precision, self.data.inv_propensity, points=self.data.val_rows,
-        )
+        if self.world.distributed:
+            val, _ = evaluate_sharded(
+                self.step_model, self.data.train, config.eval.k, config.train.eval_batch_size, self.device,
+                self.precision, self.data.inv_propensity, points=self.data.val_rows,
+            )
+        else:
+            val = evaluate(
+                self.model, self.data.train, config.eval.k, config.train.eval_batch_size, self.device,
+                self.precision, self.data.inv_propensity, points=self.data.val_rows,
+            )
         validation_seconds = time.perf_counter() - validation_started
         stats = self.epoch_stats
         seconds = max(stats["seconds"], 1e-9)
@@ -398,8 +471,9 @@ class Trainer:
             checkpoint_seconds=ended - checkpoint_started,  # host copy and waiting for the previous write
             epoch_wall_seconds=stats["wall_seconds"] + ended - validation_started,
         )
-        with open(self.run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        if self.world.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
         self.last_record = record
         self._log(
             f"epoch {record['epoch']}: loss {record['loss']:.5f}  "
@@ -454,7 +528,7 @@ class Trainer:
         # Mapped, not read: without the test evaluation only its score is needed. Its score, not
         # this trajectory's best, is reported, since after a resume on a GPU best.pt may hold a model
         # of the epochs trained again whose replay did not reach the same score.
-        best_saved = load_checkpoint(best, mmap=True) if best.exists() else None
+        best_saved = self._load(best, mmap=True) if best.exists() or manifest_path(best).exists() else None
         best_score = self.best_score if best_saved is None else best_saved["best_score"]
         test_entry: dict[str, Any] = {}  # final.json's "test" and "test_by_frequency", when evaluated
         if test:
@@ -463,9 +537,10 @@ class Trainer:
             if best_saved is not None:
                 self.model.load_state_dict(best_saved["model"])  # via host memory, as in restore
             # Buckets by the label counts of the whole training file, as the propensities are.
-            test_entry["test"], test_entry["test_by_frequency"] = evaluate_by_frequency(
-                self.model, self.data.test, config.eval.k, config.train.eval_batch_size, self.device,
-                self.precision, self.data.inv_propensity, label_frequencies(self.data.train.Y),
+            score = evaluate_sharded if self.world.distributed else evaluate_by_frequency
+            test_entry["test"], test_entry["test_by_frequency"] = score(
+                self.step_model, self.data.test, config.eval.k, config.train.eval_batch_size, self.device,
+                self.precision, self.data.inv_propensity, label_freq=label_frequencies(self.data.train.Y),
             )
         final = {
             "dataset": self.data.name,
@@ -477,18 +552,31 @@ class Trainer:
             "peak_memory_bytes": self.memory.peak_bytes(),
             "device": str(self.device),
         }
-        write_json(self.run_dir / "final.json", final)
+        if self.world.distributed:
+            final.update(world_size=self.world.size, ranks=self._rank_reports())
+        if self.world.is_main:
+            write_json(self.run_dir / "final.json", final)
         return final
 
+    def _rank_reports(self) -> list[dict[str, Any]]:
+        """Each rank's label range, peak memory and last epoch's samples/s. Collective."""
+        record = self.last_record or {}
+        mine = {"rank": self.world.rank, "labels": list(self.label_range), "peak_memory_bytes": self.memory.peak_bytes(),
+                "samples_per_second": record.get("samples_per_second")}
+        reports: list[Any] = [None] * self.world.size
+        dist.all_gather_object(reports, mine)
+        return reports
 
-def start_run(config: Config, run_dir: Path, overwrite: bool = False) -> Trainer:
+
+def start_run(config: Config, run_dir: Path, overwrite: bool = False, world: World = SINGLE) -> Trainer:
     """Create a new run directory and a trainer for it. A directory that holds a run already is
     refused, or with ``overwrite`` replaced, once the trainer is built (so a config that the data or
     the device rejects leaves the old run as it was).
 
     The saved config names the data by absolute paths, and the directory keeps the fitted
     preprocessing and the data set's shape (``save_run_inputs``), so that the run can be
-    evaluated from any working directory and can predict once moved elsewhere."""
+    evaluated from any working directory and can predict once moved elsewhere. With several
+    processes (``world``) each builds its trainer and rank 0 alone writes the directory."""
     holds_run = (run_dir / "checkpoints").exists()
     if holds_run and not overwrite:
         raise XMLSparseError(
@@ -498,16 +586,21 @@ def start_run(config: Config, run_dir: Path, overwrite: bool = False) -> Trainer
     config = with_absolute_data_paths(config)
     # The trainer (device, data, model, schedule) comes first and writes nothing into the run
     # directory: a config that the data or the device rejects then leaves no directory behind.
-    trainer = Trainer(config, run_dir, resolve_device(config.train.device))
-    if holds_run:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
-    save_run_inputs(run_dir, config, trainer.data)
+    # Building the trainers is collective (DDP's first broadcast): every rank has checked the
+    # directory above before rank 0 changes it.
+    trainer = Trainer(config, run_dir, init_world(world, resolve_device(config.train.device)), world=world)
+    if world.is_main:
+        if holds_run:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+        save_run_inputs(run_dir, config, trainer.data)
+    if world.distributed:
+        dist.barrier()
     return trainer
 
 
-def resume_run(run_dir: Path, device: str | None = None, epochs: int | None = None) -> Trainer:
+def resume_run(run_dir: Path, device: str | None = None, epochs: int | None = None, world: World = SINGLE) -> Trainer:
     """Rebuild the trainer of ``run_dir`` from its saved config and its last checkpoint; ``device``
     runs it elsewhere this time (the saved config keeps its own).
 
@@ -518,8 +611,8 @@ def resume_run(run_dir: Path, device: str | None = None, epochs: int | None = No
     while validation improves. Without ``epochs``, a run whose final.json exists raises ``RunFinished``.
     """
     last = run_dir / "checkpoints" / LAST
-    if not last.exists():
-        raise XMLSparseError(f"{run_dir}: no checkpoint to resume from ({last} is missing)")
+    if not last.exists() and not manifest_path(last).exists():
+        raise XMLSparseError(f"{run_dir}: no checkpoint to resume from ({last} and {manifest_path(last).name} are missing)")
     config_path = run_dir / "config.yaml"
     config = load_config(config_path)
     planned = config.train.epochs
@@ -538,16 +631,20 @@ def resume_run(run_dir: Path, device: str | None = None, epochs: int | None = No
         config = replace(config, train=replace(config.train, epochs=epochs))
     run_config = config if device is None else replace(config, train=replace(config.train, device=device))
     stored = load_run_inputs(run_dir).preprocess if (run_dir / RUN_INPUTS_FILE).is_file() else None
-    trainer = Trainer(run_config, run_dir, resolve_device(run_config.train.device), stored)
+    device_used = init_world(world, resolve_device(run_config.train.device))
+    trainer = Trainer(run_config, run_dir, device_used, stored, world=world)
     trainer.restore(last)
-    if epochs is not None:
-        # final.json goes first: a kill in between then leaves the shorter run unfinished, which
-        # a later resume ends as it would have, never a longer config beside the shorter run's results.
-        final.unlink(missing_ok=True)
-        save_config(config, config_path)
-    for name in (LAST, BEST):
-        remove_partial_writes(trainer.checkpoint_dir / name)
-    _keep_metrics_through(run_dir / "metrics.jsonl", trainer.epoch)
+    if world.is_main:
+        if epochs is not None:
+            # final.json goes first: a kill in between then leaves the shorter run unfinished, which
+            # a later resume ends as it would have, never a longer config beside the shorter run's results.
+            final.unlink(missing_ok=True)
+            save_config(config, config_path)
+        for name in (LAST, BEST):
+            remove_partial_writes(trainer.checkpoint_dir / name)
+        _keep_metrics_through(run_dir / "metrics.jsonl", trainer.epoch)
+    if world.distributed:
+        dist.barrier()
     return trainer
 
 
