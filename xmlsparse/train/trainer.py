@@ -165,7 +165,6 @@ class Trainer:
         if world.distributed:
             check_shardable(config)
             self.label_range = label_ranges(train.n_labels, config.model.head.group_size, world.size)[world.rank]
-        if world.distributed:
             self.model = sharded_model_for(config, train.n_features, train.n_labels, self.label_range, device)
         else:
             self.model = model_for(config, train.n_features, train.n_labels, device)
