@@ -14,7 +14,7 @@ LAYERS = [
     ["xmlsparse.ops"],
     ["xmlsparse.nn"],
     ["xmlsparse.evaluate"],
-    ["xmlsparse.train"],
+    ["xmlsparse.train", "xmlsparse.parallel"],
     ["xmlsparse.runs", "xmlsparse.ensembles", "xmlsparse.tune", "xmlsparse.report"],
     ["xmlsparse.cli", "xmlsparse.__main__"],
 ]

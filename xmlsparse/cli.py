@@ -260,11 +260,12 @@ def train(
     """Train a model; writes a run directory with checkpoints, metrics.jsonl and final.json.
     Started by torchrun (torchrun --nproc_per_node=N -m xmlsparse train ...), N processes train one
     run together: the head sharded by labels, the rest data-parallel."""
-    from xmlsparse.parallel.world import peers_failures_named, world_from_env
+    from xmlsparse.parallel.world import leave_world, peers_failures_named, world_from_env
 
     world = world_from_env()
     with peers_failures_named(world):
         _train(config, set_, out, overwrite, resume, device, world)
+        leave_world(world)
 
 
 def _train(config: Path | None, set_: list[str], out: Path | None, overwrite: bool, resume: Path | None,

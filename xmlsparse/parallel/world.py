@@ -75,6 +75,14 @@ def init_world(world: World, device: torch.device, timeout_seconds: float = COLL
     return device
 
 
+def leave_world(world: World) -> None:
+    """Leave the process group once the work is done: a process that exits inside it can abort in
+    gloo's threads at interpreter shutdown."""
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def label_ranges(n_labels: int, group_size: int, world_size: int) -> list[tuple[int, int]]:
     """Contiguous ``[start, stop)`` label ranges, one per rank, of whole groups of ``group_size``
     labels (the last group may be partial), as even as whole groups allow."""
