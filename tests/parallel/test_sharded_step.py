@@ -27,8 +27,9 @@ QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 N_FEATURES, N_LABELS, BATCH = 12, 70, 7  # 7 points: shares 4 and 3
 
 
-def _config(group: int):
-    return load_config(QUICKSTART, ["model.encoder.dropout=0", "model.intermediate.size=32", "model.head.fan_in=16",
+def _config(group: int, intermediate: bool = True):
+    middle = "model.intermediate.size=32" if intermediate else "model.intermediate=null"
+    return load_config(QUICKSTART, ["model.encoder.dropout=0", middle, f"model.head.fan_in={16 if intermediate else 8}",
                                     f"model.head.group_size={group}", "model.head.impl=reference"])
 
 
@@ -40,18 +41,18 @@ def _data():
     return X, Y
 
 
-def _full_model(group: int):
+def _full_model(group: int, intermediate: bool):
     torch.manual_seed(0)
-    return build_model(_config(group).model, N_FEATURES, N_LABELS, "dense").double()
+    return build_model(_config(group, intermediate).model, N_FEATURES, N_LABELS, "dense").double()
 
 
-def _worker(rank: int, init_file: str, group: int) -> None:
+def _worker(rank: int, init_file: str, group: int, intermediate: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         world = World(rank=rank, size=2)
         start, stop = label_ranges(N_LABELS, group, 2)[rank]
-        full = _full_model(group)
-        local = build_model(_config(group).model, N_FEATURES, stop - start, "dense").double()
+        full = _full_model(group, intermediate)
+        local = build_model(_config(group, intermediate).model, N_FEATURES, stop - start, "dense").double()
         local.load_state_dict(shard_model_state(full.state_dict(), (start, stop), group))
         X, Y = _data()
         iterator = BatchIterator(X.astype(np.float64), Y, BATCH, shuffle=False)
@@ -81,7 +82,7 @@ def _worker(rank: int, init_file: str, group: int) -> None:
             torch.testing.assert_close(param.grad, want, msg=f"{name} on rank {rank}")
 
         # Rewiring in fraction mode prunes the smallest share of all ranks' slots, as one process would.
-        section = _config(group).model.rewire
+        section = _config(group, intermediate).model.rewire
         sharded_pruned = Rewirer(section, total_steps=10, seed=0, world=world)._select_pruned(
             group_magnitudes(local.head.weight, group), None, torch.Generator())
         whole_pruned = Rewirer(section, total_steps=10, seed=0)._select_pruned(
@@ -99,6 +100,7 @@ def _worker(rank: int, init_file: str, group: int) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("group", [1, 16], ids=["plain", "grouped-G16"])
-def test_the_sharded_step_equals_the_one_process_step(group, tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), group), nprocs=2, join=True)
+@pytest.mark.parametrize("group, intermediate", [(1, True), (16, True), (1, False)],
+                         ids=["plain", "grouped-G16", "nothing-replicated-learns"])
+def test_the_sharded_step_equals_the_one_process_step(group, intermediate, tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "store"), group, intermediate), nprocs=2, join=True)

@@ -80,10 +80,13 @@ class ShardedModel:
 
     def __init__(self, model: XMCModel, world: World, label_range: tuple[int, int], device: torch.device) -> None:
         self.model, self.world, self.label_range = model, world, label_range
-        self.body = DistributedDataParallel(
-            _Body(model), device_ids=[device.index] if device.type == "cuda" else None,
-        )
-        self.body.register_comm_hook(None, sum_hook)
+        body: torch.nn.Module = _Body(model)
+        # A model whose encoder and intermediate layer learn nothing (a dense encoder without hidden
+        # layers, no intermediate) has no gradients to sum, and DDP refuses such a module.
+        if any(p.requires_grad for p in body.parameters()):
+            body = DistributedDataParallel(body, device_ids=[device.index] if device.type == "cuda" else None)
+            body.register_comm_hook(None, sum_hook)
+        self.body = body
 
     def train(self) -> None:
         self.model.train()
