@@ -4,11 +4,12 @@ several processes refuse before any work."""
 from pathlib import Path
 
 import pytest
+import torch.distributed
 
 from xmlsparse.config import load_config
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.parallel.sharded import check_shardable
-from xmlsparse.parallel.world import World, batch_shares, label_ranges, rank_seed, world_from_env
+from xmlsparse.parallel.world import World, batch_shares, label_ranges, peers_failures_named, rank_seed, world_from_env
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
@@ -60,3 +61,16 @@ def test_what_several_processes_do_not_shard_is_refused(override, message):
     with pytest.raises(XMLSparseError, match=message):
         check_shardable(load_config(QUICKSTART, [override]))
     check_shardable(load_config(QUICKSTART))
+
+
+def test_a_failed_collective_becomes_one_error_naming_the_rank():
+    world = World(rank=1, size=2)
+    with pytest.raises(XMLSparseError, match=r"rank 1 of 2: a collective .* failed \(.*Connection closed by peer.*\); another process probably died"):
+        with peers_failures_named(world):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
+    with pytest.raises(XMLSparseError, match="rank 1 of 2"):
+        with peers_failures_named(world):
+            raise torch.distributed.DistBackendError("NCCL watchdog timeout")
+    with pytest.raises(RuntimeError, match="out of memory"):  # this rank's own error stays itself
+        with peers_failures_named(world):
+            raise RuntimeError("CUDA out of memory")

@@ -120,7 +120,11 @@ def peers_failures_named(world: World) -> Iterator[None]:
     except XMLSparseError:
         raise
     except (dist.DistError, RuntimeError) as error:
-        if not world.distributed:
+        # gloo reports a closed connection as a plain RuntimeError; other RuntimeErrors (out of
+        # memory, a shape) are this rank's own and pass through as they are.
+        from_peers = isinstance(error, dist.DistError) or any(
+            word in str(error) for word in ("gloo", "NCCL", "Connection", "Timed out", "timed out"))
+        if not world.distributed or not from_peers:
             raise
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise XMLSparseError(
