@@ -106,6 +106,7 @@ class ShardedModel:
         """Top-k scores and label ids of every point of the global batch over all ranks' labels:
         this rank's label blocks, then the ranks' top-k merged."""
         h = self.features(batch)
+        torch.clear_autocast_cache()  # as XMCModel.label_blocks: no label block needs the layers' bf16 copies
         head, start = self.model.head, self.label_range[0]
         group = getattr(head, "group_size", 1)
         block = max(group, max(k, block_elements // max(1, h.shape[0])) // group * group)
