@@ -60,7 +60,10 @@ class XMCModel(nn.Module):
     def label_blocks(self, batch: Batch, block: int) -> Iterator[tuple[int, torch.Tensor]]:
         """``(start, logits[:, start:start + block])`` over the labels, so that scoring a batch
         never holds all ``B x L`` logits at once; the head's input is computed once."""
-        h = self.features(batch)
+        return self.head_blocks(self.features(batch), block)
+
+    def head_blocks(self, h: torch.Tensor, block: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``label_blocks`` of the head's input ``h``, for callers that compute (or gather) it themselves."""
         head = self.head
         if isinstance(head, nn.Sequential):  # bottleneck: the low-rank part once, then label slices
             h, head = head[:-1](h), head[-1]

@@ -21,8 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from xmlsparse.config import Config
 from xmlsparse.data.batches import Batch, BatchIterator
 from xmlsparse.errors import XMLSparseError
-from xmlsparse.evaluate import LOGIT_ELEMENTS_PER_BLOCK
-from xmlsparse.metrics import merge_topk, topk_values_and_indices
+from xmlsparse.evaluate import topk_of_batch
 from xmlsparse.nn.model import XMCModel, build_model
 from xmlsparse.parallel.collectives import gather_rows, merge_topk_across_ranks, sum_hook
 from xmlsparse.parallel.world import World, batch_shares
@@ -101,21 +100,18 @@ class ShardedModel:
     def __call__(self, batch: Batch) -> torch.Tensor:
         return self.model.head(self.features(batch))
 
+    def label_blocks(self, batch: Batch, block: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``XMCModel.label_blocks`` over this rank's labels (global label ids) for every point of
+        the global batch."""
+        start = self.label_range[0]
+        for first, logits in self.model.head_blocks(self.features(batch), block):
+            yield start + first, logits
+
     @torch.no_grad()
-    def topk(self, batch: Batch, k: int, block_elements: int = LOGIT_ELEMENTS_PER_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, batch: Batch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k scores and label ids of every point of the global batch over all ranks' labels:
-        this rank's label blocks, then the ranks' top-k merged."""
-        h = self.features(batch)
-        torch.clear_autocast_cache()  # as XMCModel.label_blocks: no label block needs the layers' bf16 copies
-        head, start = self.model.head, self.label_range[0]
-        group = getattr(head, "group_size", 1)
-        block = max(group, max(k, block_elements // max(1, h.shape[0])) // group * group)
-        best_vals = best_ids = None
-        for first in range(0, head.out_features, block):
-            stop = min(first + block, head.out_features)
-            vals, ids = topk_values_and_indices(head.logits(h, first, stop), k, label_offset=start + first)
-            best_vals, best_ids = (vals, ids) if best_vals is None else merge_topk(best_vals, best_ids, vals, ids, k)
-        return merge_topk_across_ranks(best_vals.float(), best_ids, k)
+        this rank's top-k over its label blocks, then the ranks' top-k merged."""
+        return merge_topk_across_ranks(*topk_of_batch(self, batch, k), k)
 
 
 class ShardedBatches:
