@@ -5,10 +5,12 @@ No N x L score matrix exists: each batch's logits are reduced to its top-k befor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from xmlsparse.data.batches import Batch, BatchIterator, Prefetcher
@@ -84,18 +86,29 @@ def predict_topk(
     return np.concatenate(ids), np.concatenate(scores)
 
 
+def score_batches(
+    batches: Iterable[Batch], topk: Callable[[Batch, int], tuple[torch.Tensor, torch.Tensor]], Y: sp.csr_matrix,
+    k: int, device: torch.device, precision: str, accumulators: list[StreamingMetrics | FrequencyBucketMetrics],
+) -> None:
+    """Each batch's top-k (``topk(batch, k)``) against its rows of ``Y`` (``batch.points``) into every
+    accumulator; with none, the top-k alone is computed (a rank that takes part but does not count)."""
+    for batch in batches:
+        with autocast_for(device, precision):
+            _, top_ids = topk(batch, k)
+        if accumulators:
+            top_ids, truth = top_ids.cpu().numpy(), Y[batch.points]
+            for accumulator in accumulators:
+                accumulator.update(top_ids, truth)
+
+
 def _score(
     model: torch.nn.Module, data: XMCData, ks: list[int], batch_size: int, device: torch.device, precision: str,
     points: np.ndarray | None, accumulators: list[StreamingMetrics | FrequencyBucketMetrics],
 ) -> None:
     """One pass over ``data`` (or its rows ``points``): each batch's top-k goes to every accumulator."""
     model.eval()
-    for batch in _batches(data, batch_size, device, points):
-        with autocast_for(device, precision):
-            _, top_ids = topk_of_batch(model, batch, max(ks))
-        top_ids, truth = top_ids.cpu().numpy(), data.Y[batch.points]
-        for accumulator in accumulators:
-            accumulator.update(top_ids, truth)
+    score_batches(_batches(data, batch_size, device, points), partial(topk_of_batch, model), data.Y, max(ks), device,
+                  precision, accumulators)
 
 
 @torch.no_grad()

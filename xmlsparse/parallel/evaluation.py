@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from xmlsparse.data.batches import BatchIterator, Prefetcher
 from xmlsparse.data.formats import XMCData
-from xmlsparse.evaluate import autocast_for
+from xmlsparse.evaluate import score_batches
 from xmlsparse.metrics import DEFAULT_BUCKETS, BucketRow, FrequencyBucketMetrics, StreamingMetrics
 from xmlsparse.parallel.sharded import ShardedBatches, ShardedModel
 
@@ -35,14 +35,9 @@ def evaluate_sharded(
     metrics = StreamingMetrics(ks=tuple(ks), inv_propensity=inv_propensity)
     by_freq = FrequencyBucketMetrics(label_freq, buckets, ks, inv_propensity) if label_freq is not None else None
     iterator = BatchIterator(data.X, data.Y, batch_size, shuffle=False, points=points)
-    for batch in Prefetcher(ShardedBatches(iterator, model.world, model.label_range), device):
-        with autocast_for(device, precision):
-            _, top_ids = model.topk(batch, max(ks))
-        if main:
-            top_ids, truth = top_ids.cpu().numpy(), data.Y[batch.points]
-            for accumulator in (metrics, by_freq):
-                if accumulator is not None:
-                    accumulator.update(top_ids, truth)
+    batches = Prefetcher(ShardedBatches(iterator, model.world, model.label_range), device)
+    counted = [accumulator for accumulator in (metrics, by_freq) if accumulator is not None and main]
+    score_batches(batches, model.topk, data.Y, max(ks), device, precision, counted)
     results = [(metrics.compute(), by_freq.compute() if by_freq is not None else None) if main else None]
     dist.broadcast_object_list(results, src=0)
     return results[0]
