@@ -146,9 +146,13 @@ class BatchIterator:
         return self.points[rng.permutation(self.points.size)]
 
     def __iter__(self) -> Iterator[Batch]:
+        return map(self.batch, self.batch_rows())
+
+    def batch_rows(self) -> Iterator[np.ndarray]:
+        """The row numbers of each batch of the current epoch, from ``start_batch`` on."""
         order = self.order()
         for index in range(self.start_batch, len(self)):
-            yield self.batch(order[index * self.batch_size : (index + 1) * self.batch_size])
+            yield order[index * self.batch_size : (index + 1) * self.batch_size]
 
     def batch(self, rows: np.ndarray) -> Batch:
         """The batch made of ``rows`` (row numbers of the split), in that order."""

@@ -127,11 +127,7 @@ class ShardedBatches:
         return len(self.iterator)
 
     def __iter__(self) -> Iterator[Batch]:
-        iterator = self.iterator
-        order = iterator.order()
-        for index in range(iterator.start_batch, len(iterator)):
-            rows = order[index * iterator.batch_size : (index + 1) * iterator.batch_size]
-            yield self.batch(rows)
+        return map(self.batch, self.iterator.batch_rows())
 
     def batch(self, rows: np.ndarray) -> Batch:
         shares = batch_shares(rows.size, self.world.size)
