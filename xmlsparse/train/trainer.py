@@ -160,14 +160,14 @@ class Trainer:
         # A resumed run reads its data through the preprocessing it stored (its idf and label order).
         self.data = prepare_data(config, preprocess)
         train = self.data.train
-        # Several processes: this rank's labels (the whole head in a world of one).
-        self.label_range = (0, train.n_labels)
+        # Several processes: each rank's labels (the whole head in a world of one).
+        self.label_ranges = [(0, train.n_labels)]
         if world.distributed:
             check_shardable(config)
-            self.label_range = label_ranges(train.n_labels, config.model.head.group_size, world.size)[world.rank]
-            self.model = sharded_model_for(config, train.n_features, train.n_labels, self.label_range, device)
-        else:
-            self.model = model_for(config, train.n_features, train.n_labels, device)
+            self.label_ranges = label_ranges(train.n_labels, config.model.head.group_size, world.size)
+        self.label_range = self.label_ranges[world.rank]
+        self.model = (sharded_model_for(config, train.n_features, train.n_labels, self.label_range, device)
+                      if world.distributed else model_for(config, train.n_features, train.n_labels, device))
         # The replicated layers start alike on every rank (same seed above); dropout draws its own.
         torch.manual_seed(rank_seed(config.train.seed, world.rank))
         self.optimizer = build_optimizer(self.model, config)
@@ -333,8 +333,7 @@ class Trainer:
             f"one batch's logits {format_bytes(peak['logits'])})",
             f"run:    {self.run_dir.absolute()}{resumed}",
             *([f"world:  {self.world.size} processes ({dist.get_backend()}), labels by rank: "
-               + ", ".join(f"{rank}: [{lo:,}, {hi:,})" for rank, (lo, hi) in
-                           enumerate(label_ranges(train.n_labels, config.model.head.group_size, self.world.size)))]
+               + ", ".join(f"{rank}: [{lo:,}, {hi:,})" for rank, (lo, hi) in enumerate(self.label_ranges))]
               if self.world.distributed else []),
         ])
 
