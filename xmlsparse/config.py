@@ -201,6 +201,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class AverageConfig:
+    # The average follows the weights with this weight on its past at each step: 1 / (1 - decay)
+    # steps make most of it (0.999: about two WordNet-Hypernyms epochs of batch 128). Early steps
+    # use min(decay, (1 + t) / (10 + t)), so that the first epochs' average is not the initial model.
+    decay: float = ranged(0.999, OPEN_UNIT)
+
+
+@dataclass
 class TrainConfig:
     epochs: int = ranged(100, AT_LEAST_ONE)
     batch_size: int = ranged(32, AT_LEAST_ONE)
@@ -210,6 +218,9 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # An exponential moving average of the parameters, validated, kept in best.pt and tested in
+    # place of the last step's weights; null trains without (it costs one fp32 copy of the model).
+    average: Union[AverageConfig, None] = None
     precision: str = "bf16"  # bf16 | fp32 (CPU always runs fp32)
     seed: int = ranged(0, SEED)
     device: str = "auto"  # auto | cpu | cuda
@@ -217,8 +228,18 @@ class TrainConfig:
 
 
 @dataclass
+class ImplicationsConfig:
+    # A label implies another when each of its training points (at least this many) has both.
+    min_support: int = ranged(2, AT_LEAST_ONE)
+
+
+@dataclass
 class EvalConfig:
     k: list[int] = field(default_factory=lambda: [1, 3, 5], metadata={"range": AT_LEAST_ONE})
+    # Top-k lists made consistent with the label implications of the training split (an implied
+    # label scores at least as high as the labels implying it; xmlsparse.implications), in
+    # validation, test, eval and predict; null scores the labels one by one.
+    implications: Union[ImplicationsConfig, None] = None
 
 
 @dataclass

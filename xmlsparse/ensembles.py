@@ -24,10 +24,17 @@ from xmlsparse.errors import XMLSparseError
 from xmlsparse.metrics import DEFAULT_BUCKETS
 from xmlsparse.outputs import check_output_dir
 from xmlsparse.runs import ENSEMBLE_FILE, check_run_dir, ensemble_members, load_run, model_checkpoints, score_split
-from xmlsparse.train.setup import IDF_FILE, LABEL_MAP_FILE, LABEL_ORDER_FILE, RUN_INPUTS_FILE, load_run_inputs
+from xmlsparse.train.setup import (
+    IDF_FILE,
+    IMPLICATIONS_FILE,
+    LABEL_MAP_FILE,
+    LABEL_ORDER_FILE,
+    RUN_INPUTS_FILE,
+    load_run_inputs,
+)
 
 # What a member's directory keeps for scoring, copied from the first member.
-RUN_INPUT_FILES = (RUN_INPUTS_FILE, IDF_FILE, LABEL_MAP_FILE, LABEL_ORDER_FILE)
+RUN_INPUT_FILES = (RUN_INPUTS_FILE, IDF_FILE, LABEL_MAP_FILE, LABEL_ORDER_FILE, IMPLICATIONS_FILE)
 
 
 def _flat(values: dict[str, Any], prefix: str) -> dict[str, Any]:

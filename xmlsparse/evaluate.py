@@ -16,6 +16,7 @@ import torch
 from xmlsparse.data.batches import Batch, BatchIterator, Prefetcher
 from xmlsparse.data.types import XMCData
 from xmlsparse.errors import XMLSparseError
+from xmlsparse.implications import LabelImplications, consistent_topk
 from xmlsparse.metrics import (
     DEFAULT_BUCKETS,
     DEFAULT_PROPENSITY,
@@ -53,6 +54,20 @@ def topk_of_batch(model: torch.nn.Module, batch: Batch, k: int,
     return best_vals.float(), best_ids
 
 
+TopK = Callable[[Batch, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def with_implications(topk: TopK, implications: LabelImplications | None) -> TopK:
+    """``topk`` made consistent with the label implications (``consistent_topk``), if there are any."""
+    if implications is None:
+        return topk
+
+    def consistent(batch: Batch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return consistent_topk(implications, *topk(batch, k), k)
+
+    return consistent
+
+
 def autocast_for(device: torch.device, precision: str) -> torch.autocast:
     """bf16 autocast on CUDA when asked for; CPU always runs fp32."""
     enabled = device.type == "cuda" and precision == "bf16"
@@ -74,20 +89,23 @@ def predict_topk(
     batch_size: int,
     device: torch.device,
     precision: str = "fp32",
+    implications: LabelImplications | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k label ids and scores of every point, best first (ties: lower label id)."""
+    """Top-k label ids and scores of every point, best first (ties: lower label id), consistent
+    with ``implications`` when given."""
     model.eval()
     ids, scores = [], []
+    topk = with_implications(partial(topk_of_batch, model), implications)
     for batch in _batches(data, batch_size, device):
         with autocast_for(device, precision):
-            top_scores, top_ids = topk_of_batch(model, batch, k)
+            top_scores, top_ids = topk(batch, k)
         ids.append(top_ids.cpu().numpy())
         scores.append(top_scores.cpu().numpy())
     return np.concatenate(ids), np.concatenate(scores)
 
 
 def score_batches(
-    batches: Iterable[Batch], topk: Callable[[Batch, int], tuple[torch.Tensor, torch.Tensor]], Y: sp.csr_matrix,
+    batches: Iterable[Batch], topk: TopK, Y: sp.csr_matrix,
     k: int, device: torch.device, precision: str, accumulators: list[StreamingMetrics | FrequencyBucketMetrics],
 ) -> None:
     """Each batch's top-k (``topk(batch, k)``) against its rows of ``Y`` (``batch.points``) into every
@@ -104,11 +122,12 @@ def score_batches(
 def _score(
     model: torch.nn.Module, data: XMCData, ks: list[int], batch_size: int, device: torch.device, precision: str,
     points: np.ndarray | None, accumulators: list[StreamingMetrics | FrequencyBucketMetrics],
+    implications: LabelImplications | None,
 ) -> None:
     """One pass over ``data`` (or its rows ``points``): each batch's top-k goes to every accumulator."""
     model.eval()
-    score_batches(_batches(data, batch_size, device, points), partial(topk_of_batch, model), data.Y, max(ks), device,
-                  precision, accumulators)
+    topk = with_implications(partial(topk_of_batch, model), implications)
+    score_batches(_batches(data, batch_size, device, points), topk, data.Y, max(ks), device, precision, accumulators)
 
 
 @torch.no_grad()
@@ -121,11 +140,12 @@ def evaluate(
     precision: str = "fp32",
     inv_propensity: np.ndarray | None = None,
     points: np.ndarray | None = None,
+    implications: LabelImplications | None = None,
 ) -> dict[str, float]:
     """P@k, nDCG@k, R@k (and PSP@k, PSnDCG@k with propensities) of ``model`` on ``data``
-    (or on its rows ``points``)."""
+    (or on its rows ``points``), its top-k lists consistent with ``implications`` when given."""
     metrics = StreamingMetrics(ks=tuple(ks), inv_propensity=inv_propensity)
-    _score(model, data, ks, batch_size, device, precision, points, [metrics])
+    _score(model, data, ks, batch_size, device, precision, points, [metrics], implications)
     return metrics.compute()
 
 
@@ -141,13 +161,14 @@ def evaluate_by_frequency(
     label_freq: np.ndarray,
     buckets: int = DEFAULT_BUCKETS,
     points: np.ndarray | None = None,
+    implications: LabelImplications | None = None,
 ) -> tuple[dict[str, float], list[BucketRow]]:
     """``evaluate``'s metrics and, from the same pass, the table of P@k, PSP@k and R@k by
     ``buckets`` buckets of labels by training frequency ``label_freq`` (``label_frequencies``),
     head first (``FrequencyBucketMetrics``)."""
     metrics = StreamingMetrics(ks=tuple(ks), inv_propensity=inv_propensity)
     by_freq = FrequencyBucketMetrics(label_freq, buckets, ks, inv_propensity)
-    _score(model, data, ks, batch_size, device, precision, points, [metrics, by_freq])
+    _score(model, data, ks, batch_size, device, precision, points, [metrics, by_freq], implications)
     return metrics.compute(), by_freq.compute()
 
 

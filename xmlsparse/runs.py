@@ -101,9 +101,17 @@ def _load_models(
         # Mapped to host memory and copied into the model: of a last.pt only the model is read, not
         # the optimizer moments beside it.
         sharded = checkpoint.suffix == manifest_path(checkpoint).suffix
-        model.load_state_dict(merged_model_state(checkpoint) if sharded else load_checkpoint(checkpoint, mmap=True)["model"])
+        model.load_state_dict(merged_model_state(checkpoint) if sharded else _scored_weights(checkpoint))
         models.append(model)
     return models[0] if len(models) == 1 else LogitEnsemble(models).eval()
+
+
+def _scored_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The model state of a one-process checkpoint that validation and test score: a last.pt of a
+    run with ``train.average`` holds the trained weights and, beside them, the average scored."""
+    state = load_checkpoint(checkpoint, mmap=True)
+    average = state.get("average")
+    return {**state["model"], **average["averages"]} if average else state["model"]
 
 
 def load_run_model(
@@ -158,7 +166,8 @@ def evaluate_run_dir(
         source, points = _split_rows(data, split)
         subset = source if points is None else XMCData(source.X[points], source.Y[points], source.n_features, source.n_labels)
         precision = precision_on(device, config.train.precision)
-        ids, scores = predict_topk(model, subset, max(ks), config.train.eval_batch_size, device, precision)
+        ids, scores = predict_topk(model, subset, max(ks), config.train.eval_batch_size, device, precision,
+                                   data.preprocess.implications)
         ids = data.preprocess.original_labels(ids)
         write_predictions(saved_predictions_path(run_dir, split), ids, scores, n_labels=source.n_labels)
     return metrics, table
@@ -179,12 +188,13 @@ def score_split(
     precision = precision_on(device, config.train.precision)
     source, points = _split_rows(data, split)
     batch_size = config.train.eval_batch_size
+    implications = data.preprocess.implications
     if buckets > 0:
         return evaluate_by_frequency(
             model, source, ks, batch_size, device, precision, data.inv_propensity,
-            label_frequencies(data.train.Y), buckets, points,
+            label_frequencies(data.train.Y), buckets, points, implications,
         )
-    return evaluate(model, source, ks, batch_size, device, precision, data.inv_propensity, points), None
+    return evaluate(model, source, ks, batch_size, device, precision, data.inv_propensity, points, implications), None
 
 
 def saved_predictions_path(run_dir: Path, split: str) -> Path:
@@ -225,6 +235,7 @@ def predict_file(run_dir: Path, input_path: Path, top_k: int, out: Path | None =
         )
     inputs = stored.preprocess(inputs)  # the training split's idf and normalisation, as the run stored them
     precision = precision_on(device, config.train.precision)
-    ids, scores = predict_topk(model, inputs, top_k, config.train.eval_batch_size, device, precision)
+    ids, scores = predict_topk(model, inputs, top_k, config.train.eval_batch_size, device, precision,
+                               stored.preprocess.implications)
     write_predictions(target, stored.preprocess.original_labels(ids), scores, n_labels=stored.n_labels)
     return WrittenPredictions(target, top_k)

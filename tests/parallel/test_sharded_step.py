@@ -2,8 +2,9 @@
 labels and share of the loss, grad h summed back, DDP summing the replicated layers' gradients)
 equals one process's step on the same batch, for plain and grouped heads and a batch the ranks
 share unevenly; rewiring's selection over the ranks equals one process's; and the sharded top-k
-equals the one-process top-k."""
+equals the one-process top-k, also made consistent with label implications that cross the ranks."""
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ import torch.multiprocessing as mp
 
 from xmlsparse.config import load_config
 from xmlsparse.data.batches import BatchIterator
-from xmlsparse.evaluate import topk_of_batch
+from xmlsparse.evaluate import topk_of_batch, with_implications
+from xmlsparse.implications import LabelImplications
 from xmlsparse.nn.model import build_model
 from xmlsparse.parallel.sharded import ShardedBatches, ShardedModel, shard_model_state
 from xmlsparse.parallel.world import World, label_ranges, leave_world
@@ -39,6 +41,20 @@ def _data():
     Y = sp.random(BATCH, N_LABELS, density=0.1, format="csr", random_state=1)
     Y.data[:] = 1
     return X, Y
+
+
+def _implications() -> LabelImplications:
+    """Labels on a binary tree (the parent of j is j // 2), each point a label and its ancestors:
+    every label implies its ancestors, most of which lie in the other rank's range."""
+    rows = []
+    for label in range(1, N_LABELS):
+        chain = [label]
+        while chain[-1] > 1:
+            chain.append(chain[-1] // 2)
+        rows.append(chain)
+    indptr = np.cumsum([0] + [len(row) for row in rows])
+    Y = sp.csr_matrix((np.ones(indptr[-1]), np.concatenate(rows), indptr), shape=(len(rows), N_LABELS))
+    return LabelImplications.from_labels(Y, 1)
 
 
 def _full_model(group: int, intermediate: bool):
@@ -96,6 +112,11 @@ def _worker(rank: int, init_file: str, group: int, intermediate: bool) -> None:
         want_vals, want_ids = topk_of_batch(full, whole, 5)
         torch.testing.assert_close(ids, want_ids)
         torch.testing.assert_close(vals, want_vals.to(vals.dtype))
+        # The implications apply to the merged lists, where both ranks' labels are.
+        implications = _implications()
+        _, consistent_ids = with_implications(sharded.topk, implications)(batch, 5)
+        _, want_consistent = with_implications(partial(topk_of_batch, full), implications)(whole, 5)
+        assert torch.equal(consistent_ids, want_consistent) and not torch.equal(want_consistent, want_ids)
     finally:
         leave_world(World(rank=rank, size=2))  # together: a rank leaving alone can abort the other in gloo
 

@@ -70,7 +70,7 @@ def test_a_moved_run_directory_predicts_the_same_from_another_working_directory(
     assert saved["dataset"] == saved["root"] == str(work / "data")  # the root: "data" by default
     stored = json.loads((run / "preprocessing.json").read_text())
     assert stored == {"features": "bow", "n_features": 300, "n_labels": 60, "normalize": True, "idf": "idf.npy",
-                      "label_map": "label_map.txt", "label_order": None}
+                      "label_map": "label_map.txt", "label_order": None, "label_implications": None}
     assert (run / "label_map.txt").read_text() == (bow_data / "label_map.txt").read_text()
 
     # New inputs live apart from the training data, which then disappears with the old machine.

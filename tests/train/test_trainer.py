@@ -17,34 +17,13 @@ from typer.testing import CliRunner
 
 from xmlsparse.cli import app
 from xmlsparse.config import load_config
-from xmlsparse.data.synthetic import generate
 from xmlsparse.train import checkpoint
 from xmlsparse.train.checkpoint import CheckpointWriteError, load_checkpoint
 from xmlsparse.train.trainer import TrainingDiverged, resume_run, start_run
 
+from tiny_runs import tiny_config
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny")
-    return generate(folder, n_train=1200, n_test=300, n_labels=120, labels_per_point=3.0, dim=32, seed=3)
-
-
-def tiny_config(tmp_path: Path, data: Path, **train) -> Path:
-    values = {
-        "data": {"dataset": str(data), "features": "dense", "validation": 0.1},
-        "model": {
-            "encoder": {"type": "dense", "dropout": 0.1},
-            "intermediate": {"size": 64},
-            "head": {"type": "fixed-fanin", "fan_in": 8},
-            "rewire": {"interval": 10, "fraction": 0.1, "stop": 0.66},
-        },
-        "train": {"epochs": 3, "batch_size": 32, "optimizer": {"lr": 3.0e-3}, "device": "cpu", **train},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
 
 
 def run_cli(*args: str, **kwargs) -> subprocess.Popen:

@@ -10,7 +10,8 @@ import torch.distributed as dist
 
 from xmlsparse.data.batches import BatchIterator, Prefetcher
 from xmlsparse.data.formats import XMCData
-from xmlsparse.evaluate import score_batches
+from xmlsparse.evaluate import score_batches, with_implications
+from xmlsparse.implications import LabelImplications
 from xmlsparse.metrics import DEFAULT_BUCKETS, BucketRow, FrequencyBucketMetrics, StreamingMetrics
 from xmlsparse.parallel.sharded import ShardedBatches, ShardedModel
 
@@ -27,9 +28,11 @@ def evaluate_sharded(
     points: np.ndarray | None = None,
     label_freq: np.ndarray | None = None,
     buckets: int = DEFAULT_BUCKETS,
+    implications: LabelImplications | None = None,
 ) -> tuple[dict[str, float], list[BucketRow] | None]:
     """``evaluate``'s metrics of ``data`` (or its rows ``points``) and, with ``label_freq``,
-    ``evaluate_by_frequency``'s table; the same on every rank. Collective."""
+    ``evaluate_by_frequency``'s table; the same on every rank. Collective. The ``implications``
+    apply to the merged top-k, where every rank's labels are present."""
     model.eval()
     main = model.world.is_main
     metrics = StreamingMetrics(ks=tuple(ks), inv_propensity=inv_propensity)
@@ -37,7 +40,7 @@ def evaluate_sharded(
     iterator = BatchIterator(data.X, data.Y, batch_size, shuffle=False, points=points)
     batches = Prefetcher(ShardedBatches(iterator, model.world, model.label_range), device)
     counted = [accumulator for accumulator in (metrics, by_freq) if accumulator is not None and main]
-    score_batches(batches, model.topk, data.Y, max(ks), device, precision, counted)
+    score_batches(batches, with_implications(model.topk, implications), data.Y, max(ks), device, precision, counted)
     results = [(metrics.compute(), by_freq.compute() if by_freq is not None else None) if main else None]
     dist.broadcast_object_list(results, src=0)
     return results[0]

@@ -154,13 +154,14 @@ class RunMemory:
 
 
 def estimated_step_peak(
-    model: XMCModel, moments: str, batch_size: int, n_labels: int, precision: str,
+    model: XMCModel, moments: str, batch_size: int, n_labels: int, precision: str, averaged: bool = False,
 ) -> dict[str, int]:
     """Bytes a training step is expected to hold at its peak, known before any step runs: the model
     (weights and index tables), the weights' gradients, Adam's two moments per weight (4 bytes each
-    as ``float32``, 2 as ``bfloat16``) and one batch's logits (2 bytes each under ``bf16``, else 4);
-    ``total`` adds them. Activations below the head and the backward's temporaries are left out,
-    so the peak that ``StepMemory`` measures is somewhat higher."""
+    as ``float32``, 2 as ``bfloat16``), one batch's logits (2 bytes each under ``bf16``, else 4) and,
+    with ``averaged``, a copy of the weights for their average (``train.average``); ``total`` adds
+    them. Activations below the head and the backward's temporaries are left out, so the peak that
+    ``StepMemory`` measures is somewhat higher."""
     weights = [p for p in model.parameters() if p.requires_grad]
     gradients = _tensor_bytes(weights)
     sparse = model.sparse_head
@@ -172,6 +173,7 @@ def estimated_step_peak(
         "gradients": gradients,
         "optimizer_state": 2 * (4 if moments == "float32" else 2) * sum(p.numel() for p in weights),
         "logits": batch_size * n_labels * (2 if precision == "bf16" else 4),
+        "parameter_average": _tensor_bytes(list(model.parameters())) if averaged else 0,
     }
     report["total"] = sum(report.values())
     return report

@@ -30,6 +30,7 @@ from xmlsparse.config import RewireConfig
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.nn.sparse_linear import FixedFanInLinear
 from xmlsparse.parallel.world import SINGLE, World
+from xmlsparse.train.averaging import WeightAverage
 
 # Slots of the weight handled at once when selecting the slots to prune. The selection runs over
 # pieces of the flattened weight so that its temporaries stay near 13 bytes a slot of one piece
@@ -145,16 +146,21 @@ class Rewirer:
         return self.threshold * self.threshold_decay**self.rounds
 
     def maybe_rewire(
-        self, layer: FixedFanInLinear, optimizer: torch.optim.Optimizer | None, step: int
+        self, layer: FixedFanInLinear, optimizer: torch.optim.Optimizer | None, step: int,
+        average: WeightAverage | None = None,
     ) -> float | None:
         """Rewire when ``step`` is due; return the share of slots rewired, or None when not due."""
         if not self.due(step):
             return None
-        return self.rewire(layer, optimizer)
+        return self.rewire(layer, optimizer, average)
 
     @torch.no_grad()
-    def rewire(self, layer: FixedFanInLinear, optimizer: torch.optim.Optimizer | None = None) -> float:
-        """Run one round now; return the share of the layer's slots that were pruned and regrown."""
+    def rewire(
+        self, layer: FixedFanInLinear, optimizer: torch.optim.Optimizer | None = None,
+        average: WeightAverage | None = None,
+    ) -> float:
+        """Run one round now; return the share of the layer's slots that were pruned and regrown.
+        The optimizer's moments and the parameter average (when given) restart at the new slots."""
         weight, indices = layer.weight, layer.indices
         generator = torch.Generator(device=weight.device)
         generator.manual_seed(self._round_seed())
@@ -178,6 +184,8 @@ class Rewirer:
                 values = torch.rand(n_values, generator=generator, device=weight.device) * (2 * bound) - bound
                 weight.masked_scatter_(by_label, values.to(weight.dtype))
             reset_optimizer_slots(optimizer, weight, by_label)
+            if average is not None:
+                average.restart_slots(weight, by_label)
         return n_pruned / pruned.numel()
 
     def _select_pruned(

@@ -26,6 +26,7 @@ from xmlsparse.errors import XMLSparseError
 from xmlsparse.metrics import DEFAULT_PROPENSITY, inverse_propensity, label_frequencies
 from xmlsparse.nn.heads import dense_label_count
 from xmlsparse.nn.model import XMCModel, build_model
+from xmlsparse.implications import LabelImplications
 from xmlsparse.train.label_groups import clustered_label_order
 
 # What a run directory keeps so that prediction reads nothing else (see RunInputs).
@@ -33,6 +34,7 @@ RUN_INPUTS_FILE = "preprocessing.json"
 IDF_FILE = "idf.npy"
 LABEL_ORDER_FILE = "label_order.npy"  # clustered label groups: the data set's label id at each model position
 LABEL_MAP_FILE = "label_map.txt"  # a data set's label names by id, copied as it is
+IMPLICATIONS_FILE = "label_implications.npz"  # eval.implications: the training split's label implications
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: an idf array has no single truth value to compare by
@@ -43,11 +45,16 @@ class Preprocessing:
 
     ``label_order`` (clustered label groups) is the original label id at each of the model's label
     positions: the labels of every split are put in that order, so the model's consecutive labels
-    form the groups, and ``original_labels`` maps its predictions back."""
+    form the groups, and ``original_labels`` maps its predictions back.
+
+    ``implications`` (``eval.implications``) are read from the labels of the training split (the
+    validation rows left out), in the model's label order; every top-k list is made consistent
+    with them."""
 
     idf: np.ndarray | None
     normalize: bool
     label_order: np.ndarray | None = None
+    implications: LabelImplications | None = None
 
     def __call__(self, data: XMCData) -> XMCData:
         if self.idf is not None:
@@ -102,6 +109,10 @@ def prepare_data(config: Config, preprocess: Preprocessing | None = None) -> Pre
     a, b = (info.propensity_a, info.propensity_b) if info is not None else DEFAULT_PROPENSITY
     inv_prop = inverse_propensity(label_frequencies(train.Y), train.n_points, a, b)
     train_rows, val_rows = split_validation(train.n_points, config.data.validation, config.data.validation_seed)
+    wanted = config.eval.implications
+    if wanted is not None and preprocess.implications is None:
+        implications = LabelImplications.from_labels(train.Y[train_rows], wanted.min_support)
+        preprocess = replace(preprocess, implications=implications)
     name = info.name if info is not None else str(config.data.dataset)
     return PreparedData(train, train_rows, val_rows, test, inv_prop, name, preprocess)
 
@@ -220,6 +231,8 @@ def save_run_inputs(run_dir: Path, config: Config, data: PreparedData) -> None:
     if preprocess.label_order is not None:
         with atomic_write(run_dir / LABEL_ORDER_FILE) as handle:
             np.save(handle, preprocess.label_order)
+    if preprocess.implications is not None:
+        preprocess.implications.save(run_dir / IMPLICATIONS_FILE)
     label_map = dataset_label_map(config)
     if label_map is not None:
         with open(label_map, "rb") as source, atomic_write(run_dir / LABEL_MAP_FILE) as target:
@@ -232,6 +245,7 @@ def save_run_inputs(run_dir: Path, config: Config, data: PreparedData) -> None:
         "idf": None if preprocess.idf is None else IDF_FILE,
         "label_map": None if label_map is None else LABEL_MAP_FILE,
         "label_order": None if preprocess.label_order is None else LABEL_ORDER_FILE,
+        "label_implications": None if preprocess.implications is None else IMPLICATIONS_FILE,
     }
     write_json(run_dir / RUN_INPUTS_FILE, record)
 
@@ -279,7 +293,8 @@ def load_run_inputs(run_dir: Path) -> RunInputs:
         raise XMLSparseError(f"{label_map} is missing, though {path} names it")
     return RunInputs(
         record["features"], record["n_features"], record["n_labels"],
-        Preprocessing(idf=idf, normalize=record["normalize"], label_order=_load_label_order(run_dir, path, record)),
+        Preprocessing(idf=idf, normalize=record["normalize"], label_order=_load_label_order(run_dir, path, record),
+                      implications=_load_implications(run_dir, path, record)),
         label_map,
     )
 
@@ -300,6 +315,16 @@ def _load_label_order(run_dir: Path, path: Path, record: dict[str, Any]) -> np.n
     if order.shape != (n_labels,) or order.dtype.kind not in "iu" or not np.array_equal(np.sort(order), np.arange(n_labels)):
         raise XMLSparseError(f"{order_path}: expected an order of the {n_labels} label ids, found {order.dtype} {order.shape}")
     return order.astype(np.int64)
+
+
+def _load_implications(run_dir: Path, path: Path, record: dict[str, Any]) -> LabelImplications | None:
+    """The stored label implications (runs without ``eval.implications``, older ones too, have none)."""
+    name = record.get("label_implications")
+    if name is None:
+        return None
+    if name != IMPLICATIONS_FILE:
+        raise XMLSparseError(f"{path}: key 'label_implications' is {name!r}, expected null or {IMPLICATIONS_FILE!r}")
+    return LabelImplications.load(run_dir / IMPLICATIONS_FILE, record["n_labels"])
 
 
 def _positive_int(value: Any) -> bool:

@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -44,6 +45,7 @@ from xmlsparse.parallel.checkpoints import load_rank_shard, manifest_path, save_
 from xmlsparse.parallel.evaluation import evaluate_sharded
 from xmlsparse.parallel.sharded import ShardedBatches, ShardedModel, check_shardable, sharded_model_for
 from xmlsparse.parallel.world import SINGLE, World, init_world, label_ranges, rank_seed
+from xmlsparse.train.averaging import WeightAverage
 from xmlsparse.train.checkpoint import BEST, LAST, CheckpointWriter, load_checkpoint, rng_state, set_rng_state
 from xmlsparse.train.compact_adam import AdamGradSink, CompactAdam
 from xmlsparse.train.losses import LossFn, loss_fn
@@ -184,6 +186,8 @@ class Trainer:
         self.total_steps = steps_per_epoch * config.train.epochs
         self.schedule = Schedule(self.optimizer, config.train.schedule, self.total_steps)
         self.rewirer = self._build_rewirer()
+        average = config.train.average
+        self.average = WeightAverage(self.model, average.decay) if average is not None else None
         # The step drops the logits after the loss, so the loss may write their gradient over them.
         self.loss = loss_fn(config.train.loss, consume_logits=True)
         if world.distributed:  # this rank's pairs of the mean over B x L
@@ -222,6 +226,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "rewirer": self.rewirer.state_dict() if self.rewirer is not None else None,
+            "average": self.average.state_dict() if self.average is not None else None,
             "rng": rng_state(),
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
@@ -241,6 +246,8 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         if self.rewirer is not None and state["rewirer"] is not None:
             self.rewirer.load_state_dict(state["rewirer"])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
         set_rng_state(state["rng"])
         self.epoch = state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
@@ -272,9 +279,8 @@ class Trainer:
         """
         files: dict[Path, dict[str, Any]] = {}
         if best:
-            files[self.checkpoint_dir / BEST] = {
-                "model": self.model.state_dict(), "epoch": self.epoch, "best_score": self.best_score,
-            }
+            model = self.model.state_dict() if self.average is None else self.average.model_state(self.model)
+            files[self.checkpoint_dir / BEST] = {"model": model, "epoch": self.epoch, "best_score": self.best_score}
         if last:
             files[self.checkpoint_dir / LAST] = self.state()
             self._full_save_time = time.monotonic()
@@ -285,6 +291,10 @@ class Trainer:
             self.checkpoints.save(files)
 
     # -- the loop ----------------------------------------------------------------------------
+
+    def _averaged(self) -> Any:
+        """A block in which the model holds the parameter average (``train.average``), if there is one."""
+        return self.average.applied() if self.average is not None else nullcontext()
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self._stop_requested = True
@@ -312,6 +322,7 @@ class Trainer:
         held = self.model.memory_report()
         peak = estimated_step_peak(
             self.model, config.train.optimizer.moments, config.train.batch_size, train.n_labels, self.precision,
+            averaged=self.average is not None,
         )
         device = str(self.device)
         if self.device.type == "cuda":
@@ -330,7 +341,9 @@ class Trainer:
             f"device: {device}, {self.precision}; estimated peak memory {format_bytes(peak['total'])} "
             f"(model {format_bytes(peak['model'])}, gradients {format_bytes(peak['gradients'])}, "
             f"optimizer state {format_bytes(peak['optimizer_state'])}, "
-            f"one batch's logits {format_bytes(peak['logits'])})",
+            f"one batch's logits {format_bytes(peak['logits'])}"
+            + (f", parameter average {format_bytes(peak['parameter_average'])}" if self.average is not None else "")
+            + ")",
             f"run:    {self.run_dir.absolute()}{resumed}",
             *([f"world:  {self.world.size} processes ({dist.get_backend()}), labels by rank: "
                + ", ".join(f"{rank}: [{lo:,}, {hi:,})" for rank, (lo, hi) in enumerate(self.label_ranges))]
@@ -372,8 +385,10 @@ class Trainer:
             samples += batch.size
             done_here += 1
             running += loss
+            if self.average is not None:
+                self.average.update()
             if self.rewirer is not None:
-                fraction = self.rewirer.maybe_rewire(self.model.sparse_head, self.optimizer, self.step)
+                fraction = self.rewirer.maybe_rewire(self.model.sparse_head, self.optimizer, self.step, self.average)
                 if fraction is not None:
                     self.epoch_stats["rewired"] += fraction
             stop = self._stop_requested and not self.world.distributed
@@ -413,16 +428,19 @@ class Trainer:
         """Validate, checkpoint, log; True when early stopping ends the run."""
         config = self.config
         validation_started = time.perf_counter()
-        if self.world.distributed:
-            val, _ = evaluate_sharded(
-                self.step_model, self.data.train, config.eval.k, config.train.eval_batch_size, self.device,
-                self.precision, self.data.inv_propensity, points=self.data.val_rows,
-            )
-        else:
-            val = evaluate(
-                self.model, self.data.train, config.eval.k, config.train.eval_batch_size, self.device,
-                self.precision, self.data.inv_propensity, points=self.data.val_rows,
-            )
+        with self._averaged():
+            if self.world.distributed:
+                val, _ = evaluate_sharded(
+                    self.step_model, self.data.train, config.eval.k, config.train.eval_batch_size, self.device,
+                    self.precision, self.data.inv_propensity, points=self.data.val_rows,
+                    implications=self.data.preprocess.implications,
+                )
+            else:
+                val = evaluate(
+                    self.model, self.data.train, config.eval.k, config.train.eval_batch_size, self.device,
+                    self.precision, self.data.inv_propensity, points=self.data.val_rows,
+                    implications=self.data.preprocess.implications,
+                )
         validation_seconds = time.perf_counter() - validation_started
         stats = self.epoch_stats
         seconds = max(stats["seconds"], 1e-9)
@@ -532,14 +550,17 @@ class Trainer:
         if test:
             which = "the last model" if best_saved is None else f"the best checkpoint (epoch {best_saved['epoch']})"
             self._log(f"test evaluation: {which} on {self.data.test.n_points:,} test points")
+            # best.pt holds the weights that were validated (the average, with train.average).
             if best_saved is not None:
                 self.model.load_state_dict(best_saved["model"])  # via host memory, as in restore
             # Buckets by the label counts of the whole training file, as the propensities are.
             score = evaluate_sharded if self.world.distributed else evaluate_by_frequency
-            test_entry["test"], test_entry["test_by_frequency"] = score(
-                self.step_model, self.data.test, config.eval.k, config.train.eval_batch_size, self.device,
-                self.precision, self.data.inv_propensity, label_freq=label_frequencies(self.data.train.Y),
-            )
+            with self._averaged() if best_saved is None else nullcontext():
+                test_entry["test"], test_entry["test_by_frequency"] = score(
+                    self.step_model, self.data.test, config.eval.k, config.train.eval_batch_size, self.device,
+                    self.precision, self.data.inv_propensity, label_freq=label_frequencies(self.data.train.Y),
+                    implications=self.data.preprocess.implications,
+                )
         final = {
             "dataset": self.data.name,
             "epochs": self.epoch,

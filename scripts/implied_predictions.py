@@ -1,0 +1,77 @@
+"""Score a saved top-k prediction file made consistent with the label implications of a training file.
+
+This is the step that `eval.implications` applies inside a run (xmlsparse.implications), for
+predictions saved earlier: `xmlsparse eval RUN --save-predictions` of a run or an ensemble trained
+without it, or any file with the same number of labels on every row. The table is read from the
+training file's rows outside the validation split (`--validation`, seed 0), as a run reads it, so
+that the metrics equal what the run would have scored with the key set; the label frequencies and
+propensities (A = 0.55, B = 1.5) come from the whole training file, as `xmlsparse eval`'s do. The
+scores are not written back: a file would lose the order of tied labels, which the step decides.
+
+    python scripts/implied_predictions.py runs/wordnet/predictions-test.txt \\
+        ../shared/datasets/wordnet-hypernyms/train.txt ../shared/datasets/wordnet-hypernyms/test.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xmlsparse.data.batches import split_validation
+from xmlsparse.data.formats import load_split
+from xmlsparse.data.predictions import read_predictions
+from xmlsparse.errors import XMLSparseError
+from xmlsparse.implications import LabelImplications, consistent_topk
+from xmlsparse.metrics import (
+    DEFAULT_BUCKETS,
+    DEFAULT_PROPENSITY,
+    FrequencyBucketMetrics,
+    StreamingMetrics,
+    inverse_propensity,
+    label_frequencies,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("predictions", type=Path, help="top-k predictions (label:score lines or npz CSR)")
+    parser.add_argument("train", type=Path, help="the training file the model was trained on")
+    parser.add_argument("truth", type=Path, help="the data set the predictions are for")
+    parser.add_argument("--validation", type=float, default=0.1, help="the run's data.validation")
+    parser.add_argument("--min-support", type=int, default=2, help="eval.implications.min_support")
+    parser.add_argument("--json", type=Path, help="write the metrics and the frequency table here")
+    args = parser.parse_args()
+
+    train = load_split(args.train)
+    train_rows, _ = split_validation(train.n_points, args.validation)
+    implications = LabelImplications.from_labels(train.Y[train_rows], args.min_support)
+    scores = read_predictions(args.predictions, n_labels=train.n_labels)
+    widths = np.diff(scores.indptr)
+    if widths.size == 0 or np.any(widths != widths[0]):
+        raise XMLSparseError(f"{args.predictions}: expected the same number of labels on every row")
+    k = int(widths[0])
+    ids = torch.from_numpy(scores.indices.astype(np.int64).reshape(-1, k))
+    values = torch.from_numpy(scores.data.astype(np.float32).reshape(-1, k))
+    _, ids = consistent_topk(implications, values, ids, k)
+
+    truth = load_split(args.truth).Y
+    freq = label_frequencies(train.Y)
+    inv_propensity = inverse_propensity(freq, train.n_points, *DEFAULT_PROPENSITY)
+    ks = tuple(range(1, k + 1, 2))
+    metrics = StreamingMetrics(ks=ks, inv_propensity=inv_propensity)
+    by_frequency = FrequencyBucketMetrics(freq, DEFAULT_BUCKETS, ks, inv_propensity)
+    for accumulator in (metrics, by_frequency):
+        accumulator.update(ids.numpy(), truth)
+    result = {**metrics.compute(), "by_frequency": by_frequency.compute()}
+    print(f"{len(implications.implied):,} implications; "
+          + "  ".join(f"{name} {100 * value:.2f}" for name, value in result.items() if name != "by_frequency"))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
