@@ -23,10 +23,10 @@ from xmlsparse.data.batches import split_validation
 from xmlsparse.data.datasets import REGISTRY, dataset_dir, find_dataset_dir, load_dataset
 from xmlsparse.data.types import XMCData
 from xmlsparse.errors import XMLSparseError
+from xmlsparse.implications import LabelImplications
 from xmlsparse.metrics import DEFAULT_PROPENSITY, inverse_propensity, label_frequencies
 from xmlsparse.nn.heads import dense_label_count
 from xmlsparse.nn.model import XMCModel, build_model
-from xmlsparse.implications import LabelImplications
 from xmlsparse.train.label_groups import clustered_label_order
 
 # What a run directory keeps so that prediction reads nothing else (see RunInputs).
