@@ -3,10 +3,11 @@
 This is the step that `eval.implications` applies inside a run (xmlsparse.implications), for
 predictions saved earlier: `xmlsparse eval RUN --save-predictions` of a run or an ensemble trained
 without it, or any file with the same number of labels on every row. The table is read from the
-training file's rows outside the validation split (`--validation`, seed 0), as a run reads it, so
-that the metrics equal what the run would have scored with the key set; the label frequencies and
-propensities (A = 0.55, B = 1.5) come from the whole training file, as `xmlsparse eval`'s do. The
-scores are not written back: a file would lose the order of tied labels, which the step decides.
+training file's rows outside the validation split (`--validation`, `--validation-max-points`, seed
+0), as a run reads it, so that the metrics equal what the run would have scored with the key set;
+the label frequencies and propensities (A = 0.55, B = 1.5) come from the whole training file, as
+`xmlsparse eval`'s do. The scores are not written back: a file would lose the order of tied
+labels, which the step decides.
 
     python scripts/implied_predictions.py runs/wordnet/predictions-test.txt \\
         ../shared/datasets/wordnet-hypernyms/train.txt ../shared/datasets/wordnet-hypernyms/test.txt
@@ -42,12 +43,14 @@ def main() -> None:
     parser.add_argument("train", type=Path, help="the training file the model was trained on")
     parser.add_argument("truth", type=Path, help="the data set the predictions are for")
     parser.add_argument("--validation", type=float, default=0.1, help="the run's data.validation")
+    parser.add_argument("--validation-max-points", type=int, default=1500,
+                        help="the run's data.validation_max_points (0: none)")
     parser.add_argument("--min-support", type=int, default=2, help="eval.implications.min_support")
     parser.add_argument("--json", type=Path, help="write the metrics and the frequency table here")
     args = parser.parse_args()
 
     train = load_split(args.train)
-    train_rows, _ = split_validation(train.n_points, args.validation)
+    train_rows, _ = split_validation(train.n_points, args.validation, max_points=args.validation_max_points or None)
     implications = LabelImplications.from_labels(train.Y[train_rows], args.min_support)
     scores = read_predictions(args.predictions, n_labels=train.n_labels)
     widths = np.diff(scores.indptr)

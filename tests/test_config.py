@@ -179,6 +179,7 @@ def test_checkpoint_intervals_must_be_positive(tmp_path):
         ("train.early_stopping.patience=-1", "train.early_stopping.patience = -1: out of range, expected a value >= 0"),
         ("data.validation=0", "data.validation = 0: out of range, expected a value in (0, 1)"),
         ("data.validation=1", "data.validation = 1: out of range, expected a value in (0, 1)"),
+        ("data.validation_max_points=0", "data.validation_max_points = 0: out of range, expected a value >= 1"),
         ("model.encoder.dim=0", "model.encoder.dim = 0: out of range, expected a value >= 1"),
         ("model.encoder.dropout=1", "model.encoder.dropout = 1: out of range, expected a value in [0, 1)"),
         ("model.encoder.input_dropout=-0.1", "model.encoder.input_dropout = -0.1: out of range, expected a value in [0, 1)"),

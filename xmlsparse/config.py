@@ -88,6 +88,10 @@ class DataConfig:
     # Fraction of train held out for early stopping and schedules: without any, no epoch has a
     # validation score to select the best checkpoint by.
     validation: float = ranged(0.05, OPEN_UNIT)
+    # At most this many points held out (null: the share alone). A validation score's noise
+    # depends on the number of points, not on the share, while every held-out point is training
+    # data that a rare label loses.
+    validation_max_points: Union[int, None] = ranged(None, AT_LEAST_ONE)
     # Seeds which points are held out, apart from train.seed: runs that differ only in train.seed
     # (the members of an ensemble) hold out the same points, so their validation scores compare.
     validation_seed: int = ranged(0, SEED)

@@ -166,3 +166,15 @@ def test_split_validation_is_seeded_disjoint_and_complete():
         split_validation(100, 1.0)
     with pytest.raises(XMLSparseError, match="at least one"):
         split_validation(3, 0.01)
+
+
+def test_split_validation_caps_the_points_held_out_with_a_subset_of_the_share():
+    train, val = split_validation(1000, 0.1, seed=3, max_points=25)
+    assert len(val) == 25 and len(train) == 975
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(1000))
+    _, uncapped = split_validation(1000, 0.1, seed=3)
+    assert set(val.tolist()) <= set(uncapped.tolist())
+    # A cap above the share changes nothing.
+    np.testing.assert_array_equal(split_validation(1000, 0.1, seed=3, max_points=100)[1], uncapped)
+    with pytest.raises(XMLSparseError, match="at most 0 validation points"):
+        split_validation(1000, 0.1, max_points=0)

@@ -74,3 +74,22 @@ def test_the_validation_split_follows_data_validation_seed_not_train_seed(tmp_pa
 
     np.testing.assert_array_equal(val_rows(seed=0), val_rows(seed=7))
     assert not np.array_equal(val_rows(validation_seed=0), val_rows(validation_seed=1))
+
+
+def test_data_validation_max_points_caps_the_validation_split(tmp_path):
+    from xmlsparse.data.synthetic import generate
+    from xmlsparse.train.setup import prepare_data
+
+    data = generate(tmp_path, n_train=200, n_test=20, n_labels=10, labels_per_point=2.0, dim=8, seed=0)
+
+    def prepared(max_points):
+        config = config_from_dict({
+            "data": {"dataset": str(data), "features": "dense", "validation": 0.2, "validation_max_points": max_points},
+            "model": {"intermediate": None},
+        })
+        return prepare_data(config)
+
+    capped, whole = prepared(15), prepared(None)
+    assert len(capped.val_rows) == 15 and len(capped.train_rows) == 185
+    assert len(whole.val_rows) == 40
+    assert set(capped.val_rows.tolist()) <= set(whole.val_rows.tolist())

@@ -305,12 +305,20 @@ class Prefetcher:
             hosts.close()
 
 
-def split_validation(n_points: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out ``round(fraction * n_points)`` points chosen at random (seeded) for validation.
-    Returns sorted int64 row numbers ``(train_idx, val_idx)``; fraction 0 gives an empty validation set."""
+def split_validation(
+    n_points: int, fraction: float, seed: int = 0, max_points: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``round(fraction * n_points)`` points, at most ``max_points``, chosen at random
+    (seeded) for validation. Returns sorted int64 row numbers ``(train_idx, val_idx)``; fraction 0
+    gives an empty validation set. The points held out are a prefix of one seeded permutation, so
+    a cap keeps a subset of the uncapped split's points."""
     if not 0.0 <= fraction < 1.0:
         raise XMLSparseError(f"validation fraction must be in [0, 1), got {fraction!r}")
+    if max_points is not None and max_points < 1:
+        raise XMLSparseError(f"at most {max_points!r} validation points: expected a count of at least 1")
     n_val = int(round(fraction * n_points))
+    if max_points is not None:
+        n_val = min(n_val, max_points)
     if fraction > 0 and not 0 < n_val < n_points:
         raise XMLSparseError(
             f"validation fraction {fraction} of {n_points} points leaves {n_val} for validation "

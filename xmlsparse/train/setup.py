@@ -108,7 +108,9 @@ def prepare_data(config: Config, preprocess: Preprocessing | None = None) -> Pre
     train, test = preprocess(train), preprocess(test)
     a, b = (info.propensity_a, info.propensity_b) if info is not None else DEFAULT_PROPENSITY
     inv_prop = inverse_propensity(label_frequencies(train.Y), train.n_points, a, b)
-    train_rows, val_rows = split_validation(train.n_points, config.data.validation, config.data.validation_seed)
+    train_rows, val_rows = split_validation(
+        train.n_points, config.data.validation, config.data.validation_seed, config.data.validation_max_points
+    )
     wanted = config.eval.implications
     if wanted is not None and preprocess.implications is None:
         implications = LabelImplications.from_labels(train.Y[train_rows], wanted.min_support)
