@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from xmlsparse.cli import app
 from xmlsparse.config import load_config
+from xmlsparse.evaluate import evaluate
 from xmlsparse.train import checkpoint
 from xmlsparse.train.checkpoint import CheckpointWriteError, load_checkpoint
 from xmlsparse.train.trainer import TrainingDiverged, resume_run, start_run
@@ -66,6 +67,7 @@ def test_run_directory_holds_config_metrics_checkpoints_and_final(tmp_path, tiny
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     assert set(best) == {"model", "epoch", "best_score"}
     assert final["best_validation"] == {"P@3": best["best_score"]}
+    assert final["best_epoch"] == best["epoch"]
     assert "optimizer" in load_checkpoint(run / "checkpoints" / "last.pt")
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(app, ["eval", str(run), "--json", str(out)], catch_exceptions=False)
@@ -73,6 +75,29 @@ def test_run_directory_holds_config_metrics_checkpoints_and_final(tmp_path, tiny
     measured = json.loads(out.read_text())
     for key in ("P@1", "P@3", "nDCG@5"):
         assert measured[key] == pytest.approx(final["test"][key])
+
+
+def test_a_run_still_improving_at_its_last_epoch_says_how_to_continue(tmp_path, tiny_data, capsys, monkeypatch):
+    run = tmp_path / "run"
+    start_run(load_config(tiny_config(tmp_path, tiny_data, epochs=1)), run).fit(test=False)
+    # The first epoch always improves on no score at all.
+    assert f"still improved in the last epoch (1): more epochs may help; continue with --resume {run}" \
+        in capsys.readouterr().err
+
+    # Validation scores that never change after the first epoch: the epoch limit (patience 0) or
+    # early stopping (patience 1) ends the run after epochs without improvement, and neither hints.
+    first: dict[str, float] = {}
+
+    def unchanging(*args, **kwargs):
+        if not first:
+            first.update(evaluate(*args, **kwargs))
+        return dict(first)
+
+    monkeypatch.setattr("xmlsparse.train.trainer.evaluate", unchanging)
+    for name, patience in (("limit", 0), ("stopped", 1)):
+        config = tiny_config(tmp_path, tiny_data, epochs=3, early_stopping={"patience": patience})
+        start_run(load_config(config), tmp_path / name).fit(test=False)
+        assert "more epochs may help" not in capsys.readouterr().err
 
 
 def test_bf16_moments_and_head_update_in_backward_train_and_resume(tmp_path, tiny_data):

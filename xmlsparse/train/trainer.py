@@ -527,6 +527,11 @@ class Trainer:
                               f"{self.config.train.early_stopping.metric} in "
                               f"{self.config.train.early_stopping.patience} epochs")
                     break
+            else:
+                if self.epochs_without_improvement == 0:  # the epoch limit, not validation, ended the run
+                    self._log(f"validation {self.config.train.early_stopping.metric} still improved in the last "
+                              f"epoch ({self.epoch}): more epochs may help; continue with --resume {self.run_dir} "
+                              "--set train.epochs=N")
             if self._full_save_epoch != self.epoch:  # the epoch callback stopped between full checkpoints
                 self._save_checkpoints(last=True, best=False)
         finally:
@@ -566,6 +571,7 @@ class Trainer:
             "epochs": self.epoch,
             "steps": self.step,
             "best_validation": {config.train.early_stopping.metric: best_score},
+            "best_epoch": None if best_saved is None else best_saved["epoch"],
             **test_entry,
             "memory": self.memory.report(),
             "peak_memory_bytes": self.memory.peak_bytes(),
