@@ -3,9 +3,16 @@ import pytest
 import scipy.sparse as sp
 
 from xmlsparse.config import config_from_dict
+from xmlsparse.data.synthetic import generate
 from xmlsparse.data.types import XMCData
 from xmlsparse.errors import XMLSparseError
-from xmlsparse.train.setup import fit_preprocessing, normalized_rows, resolve_device, whole_number_values
+from xmlsparse.train.setup import (
+    fit_preprocessing,
+    normalized_rows,
+    prepare_data,
+    resolve_device,
+    whole_number_values,
+)
 
 
 def test_normalized_rows_have_unit_norm_and_empty_rows_stay_empty():
@@ -57,39 +64,28 @@ def test_tfidf_rejects_other_values():
         config_from_dict({"data": {"tfidf": "yes"}})
 
 
-def test_the_validation_split_follows_data_validation_seed_not_train_seed(tmp_path):
-    from xmlsparse.data.synthetic import generate
-    from xmlsparse.train.setup import prepare_data
-
-    data = generate(tmp_path, n_train=200, n_test=20, n_labels=10, labels_per_point=2.0, dim=8, seed=0)
-
-    def val_rows(**seeds):
-        config = config_from_dict({
-            "data": {"dataset": str(data), "features": "dense", "validation": 0.2,
-                     "validation_seed": seeds.get("validation_seed", 0)},
-            "model": {"intermediate": None},
-            "train": {"seed": seeds.get("seed", 0)},
-        })
-        return prepare_data(config).val_rows
-
-    np.testing.assert_array_equal(val_rows(seed=0), val_rows(seed=7))
-    assert not np.array_equal(val_rows(validation_seed=0), val_rows(validation_seed=1))
+@pytest.fixture
+def dense_data(tmp_path):
+    return generate(tmp_path, n_train=200, n_test=20, n_labels=10, labels_per_point=2.0, dim=8, seed=0)
 
 
-def test_data_validation_max_points_caps_the_validation_split(tmp_path):
-    from xmlsparse.data.synthetic import generate
-    from xmlsparse.train.setup import prepare_data
+def prepared(data, seed: int = 0, **data_keys):
+    """``prepare_data`` for a small dense model on ``data``, 20 % held out, ``data_keys`` added."""
+    return prepare_data(config_from_dict({
+        "data": {"dataset": str(data), "features": "dense", "validation": 0.2, **data_keys},
+        "model": {"intermediate": None},
+        "train": {"seed": seed},
+    }))
 
-    data = generate(tmp_path, n_train=200, n_test=20, n_labels=10, labels_per_point=2.0, dim=8, seed=0)
 
-    def prepared(max_points):
-        config = config_from_dict({
-            "data": {"dataset": str(data), "features": "dense", "validation": 0.2, "validation_max_points": max_points},
-            "model": {"intermediate": None},
-        })
-        return prepare_data(config)
+def test_the_validation_split_follows_data_validation_seed_not_train_seed(dense_data):
+    np.testing.assert_array_equal(prepared(dense_data, seed=0).val_rows, prepared(dense_data, seed=7).val_rows)
+    assert not np.array_equal(prepared(dense_data, validation_seed=0).val_rows,
+                              prepared(dense_data, validation_seed=1).val_rows)
 
-    capped, whole = prepared(15), prepared(None)
+
+def test_data_validation_max_points_caps_the_validation_split(dense_data):
+    capped, whole = prepared(dense_data, validation_max_points=15), prepared(dense_data)
     assert len(capped.val_rows) == 15 and len(capped.train_rows) == 185
     assert len(whole.val_rows) == 40
     assert set(capped.val_rows.tolist()) <= set(whole.val_rows.tolist())
