@@ -4,6 +4,8 @@ consistent with it against a dense brute force, the stored file, and a run that 
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -403,10 +405,11 @@ def hierarchical_data(tmp_path_factory) -> Path:
     return folder
 
 
-def train(folder: Path, data: Path, implications: dict | None) -> Path:
+def train(folder: Path, data: Path, implications: dict | None, split: dict | None = None) -> Path:
+    """A tiny run on ``data``; ``split`` adds keys of the data section (the validation split's)."""
     config = folder / "c.yaml"
     config.write_text(yaml.safe_dump({
-        "data": {"dataset": str(data), "features": "bow", "validation": 0.1},
+        "data": {"dataset": str(data), "features": "bow", "validation": 0.1, **(split or {})},
         "model": {"encoder": {"dim": 24}, "intermediate": {"size": 24}, "head": {"type": "fixed-fanin", "fan_in": 6},
                   "rewire": {"interval": 5}},
         "train": {"epochs": 2, "batch_size": 32, "device": "cpu", "checkpoint": {"background": False}},
@@ -493,3 +496,74 @@ def test_a_run_without_implications_stores_none(tmp_path, hierarchical_data):
     from xmlsparse.train.setup import load_run_inputs
 
     assert load_run_inputs(run).preprocess.implications is None
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "implied_predictions.py"
+
+
+def data_whose_table_depends_on_the_split(folder: Path, hierarchical_data: Path) -> Path:
+    """The hierarchical data plus a point for each leaf without its ancestors (the leaf implies its
+    parent only while that point is held out) and a 22nd label seen once, with label 0 (an
+    implication of support 1)."""
+    folder.mkdir()
+    n_labels = len(TREE_PARENT)
+    leaves = [label for label in range(n_labels) if label not in TREE_PARENT]
+    head, *lines = (hierarchical_data / "train.txt").read_text().splitlines()
+    n_points, n_features, _ = map(int, head.split())
+    lines += [f"{leaf} {leaf * WORDS_PER_LABEL}:1 {leaf * WORDS_PER_LABEL + 1}:1" for leaf in leaves]
+    lines.append(f"0,{n_labels} 0:1 {n_features - 1}:1")
+    (folder / "train.txt").write_text("\n".join([f"{len(lines)} {n_features} {n_labels + 1}", *lines]) + "\n")
+    head, *lines = (hierarchical_data / "test.txt").read_text().splitlines()
+    (folder / "test.txt").write_text("\n".join([f"{head.rsplit(' ', 1)[0]} {n_labels + 1}", *lines]) + "\n")
+    return folder
+
+
+def precision_at(ids: np.ndarray, truth: sp.csr_matrix, k: int) -> float:
+    return float(np.mean([truth[row, ids[row, :k]].sum() / k for row in range(ids.shape[0])]))
+
+
+def test_the_script_scores_saved_lists_with_the_table_of_the_runs_split(tmp_path, hierarchical_data):
+    # A run without implications, its validation split capped and seeded: the script must read both
+    # from the run's config.yaml to rebuild the table the run would have used.
+    data = data_whose_table_depends_on_the_split(tmp_path / "data", hierarchical_data)
+    run = train(tmp_path, data, None, {"validation_max_points": 20, "validation_seed": 3})
+    saved = tmp_path / "pred.npz"
+    result = runner.invoke(app, ["predict", str(run), str(data / "test.txt"), "--top-k", "5", "--out", str(saved)],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+    from xmlsparse.evaluate import predict_topk
+    from xmlsparse.runs import load_run_model
+
+    config, inputs, model, device = load_run_model(run)
+    test = inputs.preprocess(load_split(data / "test.txt"))
+    train_labels = load_split(data / "train.txt").Y
+
+    def table(seed: int, max_points: int | None, min_support: int) -> LabelImplications:
+        rows, _ = split_validation(train_labels.shape[0], 0.1, seed, max_points=max_points)
+        return LabelImplications.from_labels(train_labels[rows], min_support)
+
+    def expected(implications: LabelImplications) -> dict[str, float]:
+        ids, _ = predict_topk(model, test, 5, config.train.eval_batch_size, device, implications=implications)
+        return {f"P@{k}": precision_at(ids, test.Y, k) for k in (1, 3, 5)}
+
+    def scored(*flags: str) -> tuple[int, dict[str, float]]:
+        out = tmp_path / "scored.json"
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), str(saved), str(data / "train.txt"), str(data / "test.txt"),
+             "--config", str(run / "config.yaml"), "--json", str(out), *flags],
+            capture_output=True, text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split(" implications")[0].replace(",", "")), json.loads(out.read_text())
+
+    # The run has no eval.implications, so the key's default min_support (2) applies.
+    own, uncapped = table(3, 20, 2), table(3, None, 1)
+    # The data is built so that the seed, the cap and the support each change the table.
+    for other in (table(0, 20, 2), table(3, None, 2), table(3, 20, 1)):
+        assert not same_table(own, other)
+    for flags, want in [((), own), (("--validation-max-points", "0", "--min-support", "1"), uncapped)]:
+        count, metrics = scored(*flags)
+        assert count == len(want.implied), flags
+        for key, value in expected(want).items():
+            assert metrics[key] == pytest.approx(value, abs=1e-6), (flags, key)
