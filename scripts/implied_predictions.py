@@ -7,8 +7,8 @@ training file's rows outside the validation split of `--config` (the run's `conf
 the generic recipe) with its `eval.implications.min_support`, as a run reads it, so that the metrics
 equal what the run would have scored with the key set; `--validation`, `--validation-max-points`
 and `--min-support` override single values. The label frequencies and propensities (A = 0.55,
-B = 1.5) come from the whole training file, as `xmlsparse eval`'s do. The scores are not written back: a file would lose the order of tied
-labels, which the step decides.
+B = 1.5) come from the whole training file, as `xmlsparse eval`'s do. The scores are not written
+back: a file would lose the order of tied labels, which the step decides.
 
     python scripts/implied_predictions.py runs/wordnet/predictions-test.txt \\
         ../shared/datasets/wordnet-hypernyms/train.txt ../shared/datasets/wordnet-hypernyms/test.txt \\
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,4 +93,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except XMLSparseError as error:
+        sys.exit(f"error: {error}")

@@ -501,6 +501,10 @@ def test_a_run_without_implications_stores_none(tmp_path, hierarchical_data):
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "implied_predictions.py"
 
 
+def run_script(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+
+
 def data_whose_table_depends_on_the_split(folder: Path, hierarchical_data: Path) -> Path:
     """The hierarchical data plus a point for each leaf without its ancestors (the leaf implies its
     parent only while that point is held out) and a 22nd label seen once, with label 0 (an
@@ -509,7 +513,7 @@ def data_whose_table_depends_on_the_split(folder: Path, hierarchical_data: Path)
     n_labels = len(TREE_PARENT)
     leaves = [label for label in range(n_labels) if label not in TREE_PARENT]
     head, *lines = (hierarchical_data / "train.txt").read_text().splitlines()
-    n_points, n_features, _ = map(int, head.split())
+    _, n_features, _ = map(int, head.split())
     lines += [f"{leaf} {leaf * WORDS_PER_LABEL}:1 {leaf * WORDS_PER_LABEL + 1}:1" for leaf in leaves]
     lines.append(f"0,{n_labels} 0:1 {n_features - 1}:1")
     (folder / "train.txt").write_text("\n".join([f"{len(lines)} {n_features} {n_labels + 1}", *lines]) + "\n")
@@ -549,11 +553,8 @@ def test_the_script_scores_saved_lists_with_the_table_of_the_runs_split(tmp_path
 
     def scored(*flags: str) -> tuple[int, dict[str, float]]:
         out = tmp_path / "scored.json"
-        done = subprocess.run(
-            [sys.executable, str(SCRIPT), str(saved), str(data / "train.txt"), str(data / "test.txt"),
-             "--config", str(run / "config.yaml"), "--json", str(out), *flags],
-            capture_output=True, text=True,
-        )
+        done = run_script(saved, data / "train.txt", data / "test.txt", "--config", run / "config.yaml", "--json", out,
+                          *flags)
         assert done.returncode == 0, done.stderr
         return int(done.stdout.split(" implications")[0].replace(",", "")), json.loads(out.read_text())
 
@@ -567,3 +568,11 @@ def test_the_script_scores_saved_lists_with_the_table_of_the_runs_split(tmp_path
         assert count == len(want.implied), flags
         for key, value in expected(want).items():
             assert metrics[key] == pytest.approx(value, abs=1e-6), (flags, key)
+
+
+def test_the_script_names_a_missing_config_in_one_line(tmp_path, hierarchical_data):
+    missing = tmp_path / "nowhere.yaml"
+    done = run_script(tmp_path / "pred.txt", hierarchical_data / "train.txt", hierarchical_data / "test.txt",
+                      "--config", missing)
+    assert done.returncode != 0
+    assert done.stderr.strip() == f"error: {missing}: config file not found"
