@@ -1,0 +1,33 @@
+"""Data whose label sets are a tree node and its ancestors (the shape of WordNet's hypernyms), for
+the tests of label implications and of what scores with them."""
+
+from pathlib import Path
+
+import numpy as np
+
+# A tree of 21 labels: 3 roots, 2 children each, 2 grandchildren each (parent of label i).
+TREE_PARENT = [-1, -1, -1, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8]
+WORDS_PER_LABEL = 6
+
+
+def write_hierarchical_xc_text(path: Path, rng: np.random.Generator, n_points: int) -> None:
+    """XC text ("N D L", then "l1,l2 f:v ...") whose label sets are a tree node and its ancestors, and
+    whose words are drawn from those labels' own words, plus noise words."""
+    n_labels = len(TREE_PARENT)
+    n_features = n_labels * WORDS_PER_LABEL + 20
+    lines = [f"{n_points} {n_features} {n_labels}"]
+    for _ in range(n_points):
+        node, chain = int(rng.integers(0, n_labels)), []
+        while node >= 0:
+            chain.append(node)
+            node = TREE_PARENT[node]
+        words: dict[int, int] = {}
+        for label in chain:
+            for word in rng.choice(WORDS_PER_LABEL, size=3, replace=False):
+                feature = label * WORDS_PER_LABEL + int(word)
+                words[feature] = words.get(feature, 0) + 1
+        for feature in rng.integers(n_labels * WORDS_PER_LABEL, n_features, size=2):
+            words[int(feature)] = words.get(int(feature), 0) + 1
+        pairs = " ".join(f"{feature}:{count}" for feature, count in sorted(words.items()))
+        lines.append(f"{','.join(map(str, sorted(chain)))} {pairs}")
+    path.write_text("\n".join(lines) + "\n")
