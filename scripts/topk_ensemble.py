@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,9 +33,9 @@ from xmlsparse.atomic import atomic_write
 from xmlsparse.config import load_config
 from xmlsparse.data.types import XMCData
 from xmlsparse.errors import XMLSparseError
-from xmlsparse.evaluate import predict_topk
+from xmlsparse.evaluate import check_buckets, predict_topk
 from xmlsparse.implications import consistent_topk
-from xmlsparse.metrics import StreamingMetrics
+from xmlsparse.metrics import DEFAULT_BUCKETS, FrequencyBucketMetrics, StreamingMetrics, label_frequencies
 from xmlsparse.runs import check_run_dir, load_run
 from xmlsparse.train.setup import PreparedData, load_run_inputs, precision_on, prepare_data
 
@@ -119,8 +120,10 @@ def mean_topk(lists: list[tuple[np.ndarray, np.ndarray]], n_labels: int, k: int)
     return label[kept].reshape(n_rows, k), mean[kept].reshape(n_rows, k), exact_first
 
 
-def score(run_dir: Path, paths: list[Path]) -> dict[str, dict[str, float]]:
-    """Validation and test metrics of the lists' mean, with the implications of ``run_dir``."""
+def score(run_dir: Path, paths: list[Path], buckets: int = DEFAULT_BUCKETS) -> dict[str, Any]:
+    """Validation and test metrics of the lists' mean, with the implications of ``run_dir``, and with
+    ``buckets`` > 0 the test metrics by label-frequency bucket (``test_by_frequency``), as
+    ``xmlsparse eval`` splits them."""
     config = load_config(check_run_dir(run_dir))
     data = prepare_data(config, load_run_inputs(run_dir).preprocess)
     ks = config.eval.k
@@ -138,6 +141,10 @@ def score(run_dir: Path, paths: list[Path]) -> dict[str, dict[str, float]]:
         metrics = StreamingMetrics(ks, data.inv_propensity)
         metrics.update(ids, truth.Y)
         result[split] = {**metrics.compute(), "first_label_exact": float(exact_first.mean())}
+        if split == "test" and buckets > 0:
+            by_frequency = FrequencyBucketMetrics(label_frequencies(data.train.Y), buckets, ks, data.inv_propensity)
+            by_frequency.update(ids, truth.Y)
+            result["test_by_frequency"] = by_frequency.compute()
     return result
 
 
@@ -151,6 +158,8 @@ def main() -> None:
     scoring = commands.add_parser("score", help="score the mean of saved lists")
     scoring.add_argument("run_dir", type=Path, help="a member's run directory: data, validation split, implications")
     scoring.add_argument("lists", type=Path, nargs="+", help="files written by dump")
+    scoring.add_argument("--buckets", type=int, default=DEFAULT_BUCKETS,
+                         help=f"label-frequency buckets of the test table (default {DEFAULT_BUCKETS}; 0: none)")
     scoring.add_argument("--json", type=Path, help="write the metrics here")
     args = parser.parse_args()
 
@@ -160,13 +169,17 @@ def main() -> None:
         dump(args.run_dir, args.out, args.top_k)
         print(f"top-{args.top_k} logits written to {args.out}")
         return
-    result = score(args.run_dir, args.lists)
-    for split, metrics in result.items():
-        exact = metrics.pop("first_label_exact")
-        print(f"{split:5s}" + "  ".join(f"{name} {100 * value:.2f}" for name, value in metrics.items()
-                                        if name.split("@")[0] in ("P", "nDCG", "PSP"))
-              + f"  (first label exact on {100 * exact:.1f} % of points)")
-        metrics["first_label_exact"] = exact
+    check_buckets(args.buckets)
+    result = score(args.run_dir, args.lists, args.buckets)
+    for split in SPLITS:
+        if split in result:
+            metrics = result[split]
+            print(f"{split:5s}" + "  ".join(f"{name} {100 * value:.2f}" for name, value in metrics.items()
+                                            if name.split("@")[0] in ("P", "nDCG", "PSP"))
+                  + f"  (first label exact on {100 * metrics['first_label_exact']:.1f} % of points)")
+    for row in result.get("test_by_frequency", []):
+        print(f"test, {row['bucket']} ({row['labels']} labels, {row['freq_min']}-{row['freq_max']} training points): "
+              + "  ".join(f"{name} {100 * row[name]:.2f}" for name in row if name.startswith(("P@", "PSP@"))))
     if args.json is not None:
         with atomic_write(args.json, "w") as handle:
             json.dump(result, handle, indent=1)

@@ -73,9 +73,14 @@ def test_one_full_list_scores_as_its_run(members, tmp_path):
     runs, lists = members
     result = scored(runs[0], lists[:1], tmp_path)
     for split in ("val", "test"):
-        expected, _ = evaluate_run_dir(runs[0], split, [1, 3, 5], buckets=0)
+        expected, table = evaluate_run_dir(runs[0], split, [1, 3, 5], buckets=3 if split == "test" else 0)
         assert {name: result[split][name] for name in METRICS} == pytest.approx(
             {name: expected[name] for name in METRICS}, abs=1e-12)
+    # The frequency table of `xmlsparse eval`: its buckets, label counts and P@k / PSP@k.
+    assert [row["bucket"] for row in result["test_by_frequency"]] == [row["bucket"] for row in table]
+    for row, expected_row in zip(result["test_by_frequency"], table):
+        assert {key: value for key, value in row.items() if key != "bucket"} == pytest.approx(
+            {key: value for key, value in expected_row.items() if key != "bucket"}, abs=1e-12)
 
 
 def test_full_lists_score_as_xmlsparse_ensemble(members, tmp_path):
