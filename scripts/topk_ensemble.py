@@ -36,6 +36,7 @@ from xmlsparse.errors import XMLSparseError
 from xmlsparse.evaluate import check_buckets, predict_topk
 from xmlsparse.implications import consistent_topk
 from xmlsparse.metrics import DEFAULT_BUCKETS, FrequencyBucketMetrics, StreamingMetrics, label_frequencies
+from xmlsparse.outputs import check_output_file
 from xmlsparse.runs import check_run_dir, load_run
 from xmlsparse.train.setup import PreparedData, load_run_inputs, precision_on, prepare_data
 
@@ -53,9 +54,12 @@ def split_data(data: PreparedData, split: str) -> XMCData:
 def dump(run_dir: Path, out: Path, top_k: int) -> None:
     """The run's best model's top-k logits (no implications) on its validation rows and test split,
     with the data set's label ids, into ``out`` (npz)."""
+    check_run_dir(run_dir)
+    n_labels = load_run_inputs(run_dir).n_labels
+    if top_k > n_labels:
+        raise XMLSparseError(f"--top-k {top_k}: the run has {n_labels} labels")
+    check_output_file(out)
     config, data, model, device = load_run(run_dir)
-    if top_k > data.train.n_labels:
-        raise XMLSparseError(f"--top-k {top_k}: the run has {data.train.n_labels} labels")
     precision = precision_on(device, config.train.precision)
     arrays = {"val_rows": data.val_rows, "n_labels": np.int64(data.train.n_labels)}
     for split in SPLITS:
@@ -170,6 +174,8 @@ def main() -> None:
         print(f"top-{args.top_k} logits written to {args.out}")
         return
     check_buckets(args.buckets)
+    if args.json is not None:
+        check_output_file(args.json)
     result = score(args.run_dir, args.lists, args.buckets)
     for split in SPLITS:
         if split in result:

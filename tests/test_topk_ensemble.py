@@ -125,3 +125,5 @@ def test_lists_that_do_not_fit_are_refused_in_one_line(members, tmp_path):
     done = run_script("dump", runs[0], tmp_path / "wide.npz", "--top-k", N_LABELS + 1)
     assert done.returncode != 0 and f"the run has {N_LABELS} labels" in done.stderr
     assert not (tmp_path / "wide.npz").exists()
+    done = run_script("dump", runs[0], tmp_path / "missing" / "lists.npz", "--top-k", N_LABELS)
+    assert done.returncode != 0 and done.stderr.startswith("error: ") and "does not exist" in done.stderr
