@@ -3,7 +3,7 @@
 `xmlsparse ensemble` scores the mean of its members' logits exactly, but needs every member's
 checkpoint at hand (on WordNet-Hypernyms 0.85 GB each). This script keeps, for each run, its best
 model's top-k logits (before the label implications) on its validation rows and on its test split
-(`dump`: about 8 MB at k = 100 on WordNet-Hypernyms' 18,676 test points), and scores any set of
+(`dump`: about 6 MB at k = 100 on WordNet-Hypernyms' 18,676 test points), and scores any set of
 such lists as one model (`score`): the mean of their logits, where a label missing from a list
 counts at that list's lowest score (its true logit is at most that), then the implications and the
 metrics as a run's. Where every list holds the ensemble's first label the mean is exact and every
