@@ -30,25 +30,15 @@ import numpy as np
 import torch
 
 from xmlsparse.atomic import atomic_write
-from xmlsparse.config import load_config
-from xmlsparse.data.types import XMCData
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.evaluate import check_buckets, predict_topk
 from xmlsparse.implications import consistent_topk
 from xmlsparse.metrics import DEFAULT_BUCKETS, FrequencyBucketMetrics, StreamingMetrics, label_frequencies
 from xmlsparse.outputs import check_output_file
-from xmlsparse.runs import check_run_dir, load_run
-from xmlsparse.train.setup import PreparedData, load_run_inputs, precision_on, prepare_data
+from xmlsparse.runs import check_run_dir, load_run, load_run_data, split_data
+from xmlsparse.train.setup import PreparedData, load_run_inputs, precision_on
 
 SPLITS = ("val", "test")
-
-
-def split_data(data: PreparedData, split: str) -> XMCData:
-    """The validation rows of the training file, or the test split."""
-    if split == "test":
-        return data.test
-    rows = data.val_rows
-    return XMCData(data.train.X[rows], data.train.Y[rows], data.train.n_features, data.train.n_labels)
 
 
 def dump(run_dir: Path, out: Path, top_k: int) -> None:
@@ -128,8 +118,7 @@ def score(run_dir: Path, paths: list[Path], buckets: int = DEFAULT_BUCKETS) -> d
     """Validation and test metrics of the lists' mean, with the implications of ``run_dir``, and with
     ``buckets`` > 0 the test metrics by label-frequency bucket (``test_by_frequency``), as
     ``xmlsparse eval`` splits them."""
-    config = load_config(check_run_dir(run_dir))
-    data = prepare_data(config, load_run_inputs(run_dir).preprocess)
+    config, data = load_run_data(run_dir)
     ks = config.eval.k
     lists = [read_lists(path, data, max(ks)) for path in paths]
     implications = data.preprocess.implications

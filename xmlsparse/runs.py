@@ -132,10 +132,17 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> tuple[Config,
     directory: its members' models). The data is read from where the saved config says and
     preprocessed as the run stored it; a run directory from before the preprocessing was stored
     gets it fitted from its training data and stored."""
+    config = load_config(check_run_dir(run_dir))
+    device = device if device is not None else resolve_device(config.train.device)
+    checkpoints = model_checkpoints(run_dir)  # before the data: a run without a model fails at once
+    config, data = load_run_data(run_dir)
+    return config, data, _load_models(checkpoints, data.train.n_features, data.train.n_labels, device), device
+
+
+def load_run_data(run_dir: Path) -> tuple[Config, PreparedData]:
+    """The config and prepared data of a run directory (see ``load_run``), without its model."""
     config_path = check_run_dir(run_dir)
     config = load_config(config_path)
-    device = device if device is not None else resolve_device(config.train.device)
-    checkpoints = model_checkpoints(run_dir)
     stored = load_run_inputs(run_dir) if (run_dir / RUN_INPUTS_FILE).is_file() else None
     try:
         data = prepare_data(config, None if stored is None else stored.preprocess)
@@ -148,7 +155,7 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> tuple[Config,
         # Kept for predict; a run directory that cannot be written is still evaluated.
         with contextlib.suppress(OSError):
             save_run_inputs(run_dir, config, data)
-    return config, data, _load_models(checkpoints, data.train.n_features, data.train.n_labels, device), device
+    return config, data
 
 
 def evaluate_run_dir(
@@ -163,19 +170,27 @@ def evaluate_run_dir(
     config, data, model, device = load_run(run_dir)
     metrics, table = score_split(config, data, model, device, split, ks, buckets)
     if save_predictions:
-        source, points = _split_rows(data, split)
-        subset = source if points is None else XMCData(source.X[points], source.Y[points], source.n_features, source.n_labels)
+        subset = split_data(data, split)
         precision = precision_on(device, config.train.precision)
         ids, scores = predict_topk(model, subset, max(ks), config.train.eval_batch_size, device, precision,
                                    data.preprocess.implications)
         ids = data.preprocess.original_labels(ids)
-        write_predictions(saved_predictions_path(run_dir, split), ids, scores, n_labels=source.n_labels)
+        write_predictions(saved_predictions_path(run_dir, split), ids, scores, n_labels=subset.n_labels)
     return metrics, table
 
 
 def _split_rows(data: PreparedData, split: str) -> tuple[XMCData, np.ndarray | None]:
     """The data of ``split`` (test or val) and the rows of it that the split takes (None: all)."""
     return (data.test, None) if split == "test" else (data.train, data.val_rows)
+
+
+def split_data(data: PreparedData, split: str) -> XMCData:
+    """The points of ``split`` (test or val) on their own: the test split, or a copy of the
+    training file's validation rows."""
+    source, points = _split_rows(data, split)
+    if points is None:
+        return source
+    return XMCData(source.X[points], source.Y[points], source.n_features, source.n_labels)
 
 
 def score_split(
