@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-import yaml
 from typer.testing import CliRunner
 
 from xmlsparse.cli import app
@@ -21,7 +20,7 @@ from xmlsparse.data.formats import load_split
 from xmlsparse.errors import XMLSparseError
 from xmlsparse.implications import LabelImplications, consistent_topk
 
-from hierarchy import TREE_PARENT, WORDS_PER_LABEL, write_hierarchical_xc_text
+from hierarchy import TREE_PARENT, WORDS_PER_LABEL, train, write_hierarchical_xc_text
 
 runner = CliRunner()
 
@@ -377,22 +376,6 @@ def hierarchical_data(tmp_path_factory) -> Path:
     write_hierarchical_xc_text(folder / "train.txt", rng, 360)
     write_hierarchical_xc_text(folder / "test.txt", rng, 90)
     return folder
-
-
-def train(folder: Path, data: Path, implications: dict | None, split: dict | None = None) -> Path:
-    """A tiny run on ``data``; ``split`` adds keys of the data section (the validation split's)."""
-    config = folder / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"dataset": str(data), "features": "bow", "validation": 0.1, **(split or {})},
-        "model": {"encoder": {"dim": 24}, "intermediate": {"size": 24}, "head": {"type": "fixed-fanin", "fan_in": 6},
-                  "rewire": {"interval": 5}},
-        "train": {"epochs": 2, "batch_size": 32, "device": "cpu", "checkpoint": {"background": False}},
-        **({} if implications is None else {"eval": {"implications": implications}}),
-    }))
-    run = folder / "run"
-    result = runner.invoke(app, ["train", str(config), "--out", str(run)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return run
 
 
 def predicted_lists(path: Path) -> list[list[int]]:

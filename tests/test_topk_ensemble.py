@@ -10,14 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from typer.testing import CliRunner
 
-from xmlsparse.cli import app
 from xmlsparse.ensembles import create_ensemble
 from xmlsparse.runs import evaluate_run_dir
 
-from hierarchy import TREE_PARENT, write_hierarchical_xc_text
+from hierarchy import TREE_PARENT, train, write_hierarchical_xc_text
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "topk_ensemble.py"
 N_LABELS = len(TREE_PARENT)
@@ -44,17 +41,9 @@ def members(tmp_path_factory) -> tuple[list[Path], list[Path]]:
     write_hierarchical_xc_text(data / "test.txt", rng, 120)
     runs, lists = [], []
     for seed, loss in ((0, "bce"), (1, "softmax")):
-        config = folder / f"c{seed}.yaml"
-        config.write_text(yaml.safe_dump({
-            "data": {"dataset": str(data), "features": "bow", "validation": 0.2},
-            "model": {"encoder": {"dim": 16}, "intermediate": {"size": 16}, "head": {"fan_in": 4},
-                      "rewire": {"interval": 5}},
-            "train": {"epochs": 2, "batch_size": 32, "device": "cpu", "seed": seed, "loss": loss},
-            "eval": {"implications": {"min_support": 1}},
-        }))
-        runs.append(folder / f"run{seed}")
-        result = CliRunner().invoke(app, ["train", str(config), "--out", str(runs[-1])], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
+        (folder / str(seed)).mkdir()
+        runs.append(train(folder / str(seed), data, {"min_support": 1}, {"validation": 0.2},
+                          {"seed": seed, "loss": loss}))
         lists.append(folder / f"run{seed}.npz")
         done = run_script("dump", runs[-1], lists[-1], "--top-k", N_LABELS)
         assert done.returncode == 0, done.stderr
